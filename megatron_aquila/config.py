@@ -1,0 +1,361 @@
+"""Typed run configuration: dataclass sections, YAML recipes, dotted overrides, validation.
+
+A recipe is a YAML mapping of sections (``model``, ``parallel``, ``training``, ``optimizer``,
+``precision``, ``data``, ``checkpoint``, ``logging``) to fields of the dataclasses below.
+Command-line overrides are ``section.field=value`` with the value parsed as YAML. Unknown
+sections or fields and invalid combinations raise ``ConfigError`` before any process group work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from megatron_aquila.model.presets import MODEL_PRESETS
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message says which key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of the Aquila (LLaMA-architecture) decoder."""
+
+    preset: Optional[str] = None            # fill unset fields from model/presets.py (explicit keys win)
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 8
+    num_kv_heads: Optional[int] = None      # grouped-query attention; None means multi-head (= heads)
+    ffn_hidden_size: Optional[int] = None   # None: LLaMA rule from ffn_multiple_of / ffn_multiplier
+    ffn_multiple_of: int = 256
+    ffn_multiplier: Optional[float] = None  # Aquila2-34B uses 1.3
+    vocab_size: int = 8192                  # tokenizer vocabulary, before padding
+    make_vocab_size_divisible_by: int = 128  # the padded vocab is a multiple of this x TP
+    seq_length: int = 256
+    norm_eps: float = 1e-5
+    norm_init: float = 1.0                  # RMSNorm weight init (Aquila2-34B: 0.3)
+    rope_base: float = 10000.0
+    rope_interleaved: bool = False          # pairs (2i, 2i+1) instead of rotate-half (i, i + d/2)
+    init_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """FFN width: explicit, or int(8h/3) [x multiplier] rounded up to ffn_multiple_of."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        width = int(2 * 4 * self.hidden_size / 3)
+        if self.ffn_multiplier is not None:
+            width = int(self.ffn_multiplier * width)
+        return self.ffn_multiple_of * math.ceil(width / self.ffn_multiple_of)
+
+    def padded_vocab_size(self, tp_size: int) -> int:
+        """Vocab rounded up to a multiple of make_vocab_size_divisible_by x TP (Megatron's rule)."""
+        multiple = self.make_vocab_size_divisible_by * tp_size
+        return multiple * math.ceil(self.vocab_size / multiple)
+
+
+@dataclass
+class ParallelConfig:
+    """Layout of the TP x DP x PP grid (DP is whatever the world size leaves)."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline_stages: int = 1        # model chunks per pipeline rank (interleaved 1F1B when > 1)
+    pipeline_layers: Optional[list[int]] = None  # explicit layers per stage, e.g. [3, 5]; None = even split
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False     # ZeRO-1: shard fp32 master params and Adam state over DP
+    overlap_grad_reduce: bool = True        # reduce each bucket as soon as its grads are ready
+    grad_bucket_size_mb: float = 40.0
+
+
+@dataclass
+class TrainingConfig:
+    """Batching, run length, recompute and seeds."""
+
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    rampup_batch_size: Optional[list[int]] = None  # [start, increment, ramp samples], Megatron semantics
+    train_iters: Optional[int] = None       # exactly one of train_iters / train_samples
+    train_samples: Optional[int] = None
+    eval_interval: int = 0                  # 0 disables validation
+    eval_iters: int = 10
+    recompute: str = "none"                 # none | selective (attention core) | full (whole block)
+    seed: int = 1234
+    exit_interval: Optional[int] = None     # stop (after saving) at an iteration multiple of this
+    exit_duration_minutes: Optional[float] = None
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with global-norm clipping and a warmup + decay learning-rate schedule."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1               # not applied to norm weights
+    clip_grad: float = 1.0                  # 0 disables clipping
+    lr_decay_style: str = "cosine"          # cosine | linear | constant
+    lr_warmup_samples: int = 0              # schedules count samples when train_samples is set,
+    lr_decay_samples: Optional[int] = None  # else the *_iters fields; None decays over the run
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None
+
+
+@dataclass
+class PrecisionConfig:
+    """Parameter dtype, fp32 master weights and grads, and the fp16 dynamic loss scaler."""
+
+    dtype: str = "fp32"                     # fp32 | bf16 | fp16
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000           # steps without overflow before the scale doubles
+    hysteresis: int = 2                     # overflows tolerated before the scale halves
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    data_path: list[Any] = field(default_factory=list)  # [prefix] or [w1, prefix1, w2, prefix2, ...]
+    split: str = "949,50,1"
+    tokenizer_type: str = "aquila-bbpe"     # aquila-bbpe | sentencepiece
+    tokenizer_path: Optional[str] = None
+    cache_dir: Optional[str] = None         # index cache; default: beside the first data prefix
+    num_workers: int = 1
+    mock: bool = False                      # random tokens instead of data_path (benchmarks, planning)
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded checkpoints (torch.distributed.checkpoint) and initialisation."""
+
+    save: Optional[str] = None
+    save_interval: Optional[int] = None
+    load: Optional[str] = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    """The per-iteration log line and metric sinks."""
+
+    log_interval: int = 1
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_mode: str = "offline"             # offline works with no network; online needs a login
+    peak_tflops: Optional[float] = None     # per device; None: table by device name, CPU measured
+    output_dir: Optional[str] = None        # resolved config and logs; default: checkpoint.save
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor_parallel * self.parallel.pipeline_parallel)
+
+    def validate(self, world_size: int) -> None:
+        """Check every divisibility and choice; raise ConfigError carrying the numbers."""
+        validate_config(self, world_size)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field annotation; ints are accepted where floats are expected."""
+    origin = get_origin(annotation)
+    if origin is Union:
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {annotation}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = get_args(annotation) or (Any,)
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is Any:
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-5" as a string
+        except ValueError:
+            pass
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _section_from_dict(cls: type, values: dict[str, Any], section: str) -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(section + '.' + k for k in unknown)}; "
+                          f"valid keys of '{section}': {', '.join(names)}")
+    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not section.key=value (example: training.train_iters=100)")
+    dotted, raw = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {dotted!r} must be section.key (example: model.num_layers=8)")
+    section, key = parts
+    tree.setdefault(section, {})[key] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Build a Config from nested mappings; model.preset fills the model fields not given."""
+    section_types = {f.name: get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+    unknown = sorted(set(tree) - set(section_types))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid: {', '.join(section_types)}")
+    sections: dict[str, Any] = {}
+    for name, cls in section_types.items():
+        values = dict(tree.get(name) or {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"section '{name}' must be a mapping, got {values!r}")
+        if name == "model" and values.get("preset") is not None:
+            preset = values["preset"]
+            if preset not in MODEL_PRESETS:
+                raise ConfigError(f"model.preset {preset!r} is unknown; choose one of {sorted(MODEL_PRESETS)}")
+            values = {**MODEL_PRESETS[preset], **values}
+        sections[name] = _section_from_dict(cls, values, name)
+    return Config(**sections)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML recipe (or start from defaults when ``path`` is None) and apply overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {path} must be a YAML mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for override in overrides:
+        _apply_override(tree, override)
+    return config_from_dict(tree)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_config(config: Config, world_size: int) -> None:
+    m, p, t, o, pr = config.model, config.parallel, config.training, config.optimizer, config.precision
+    tp, pp, vpp = p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_stages
+    _require(tp >= 1 and pp >= 1 and vpp >= 1, f"parallel sizes must be >= 1: tp {tp}, pp {pp}, vpp {vpp}")
+    _require(world_size % (tp * pp) == 0,
+             f"world size {world_size} is not divisible by tensor_parallel {tp} x pipeline_parallel {pp} = "
+             f"{tp * pp}; launch a multiple of {tp * pp} processes or change the layout")
+    dp = world_size // (tp * pp)
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size {m.hidden_size} is not divisible by num_attention_heads {m.num_attention_heads}")
+    _require(m.num_attention_heads % m.kv_heads == 0,
+             f"num_attention_heads {m.num_attention_heads} is not divisible by num_kv_heads {m.kv_heads}")
+    _require(m.num_attention_heads % tp == 0,
+             f"num_attention_heads {m.num_attention_heads} is not divisible by tensor_parallel {tp}")
+    _require(m.kv_heads % tp == 0,
+             f"num_kv_heads {m.kv_heads} is not divisible by tensor_parallel {tp}: GQA keeps whole query "
+             f"groups on one rank; use a tensor_parallel that divides {m.kv_heads}")
+    _require(m.head_dim % 2 == 0, f"head dim {m.head_dim} must be even for rotary embeddings")
+    _require(m.ffn_size % tp == 0, f"ffn hidden size {m.ffn_size} is not divisible by tensor_parallel {tp}")
+    _require(m.padded_vocab_size(tp) % tp == 0, f"padded vocab {m.padded_vocab_size(tp)} % tp {tp} != 0")
+    if p.sequence_parallel:
+        _require(tp > 1, "parallel.sequence_parallel needs tensor_parallel > 1")
+        _require(m.seq_length % tp == 0,
+                 f"seq_length {m.seq_length} is not divisible by tensor_parallel {tp} (sequence parallel)")
+    if p.pipeline_layers is not None:
+        _require(len(p.pipeline_layers) == pp * vpp and sum(p.pipeline_layers) == m.num_layers,
+                 f"parallel.pipeline_layers {p.pipeline_layers} must list {pp * vpp} stages (pp {pp} x vpp "
+                 f"{vpp}) summing to num_layers {m.num_layers}")
+    else:
+        _require(m.num_layers % (pp * vpp) == 0,
+                 f"num_layers {m.num_layers} is not divisible by pipeline_parallel {pp} x virtual stages {vpp} = "
+                 f"{pp * vpp}; change the layout or give parallel.pipeline_layers")
+    if vpp > 1:
+        _require(pp > 1, f"virtual_pipeline_stages {vpp} needs pipeline_parallel > 1")
+    _require(t.micro_batch_size >= 1, f"micro_batch_size {t.micro_batch_size} must be >= 1")
+    step = t.micro_batch_size * dp
+    _require(t.global_batch_size % step == 0,
+             f"global_batch_size {t.global_batch_size} is not divisible by micro_batch_size "
+             f"{t.micro_batch_size} x data_parallel {dp} = {step}")
+    if vpp > 1:
+        micro_batches = t.global_batch_size // step
+        _require(micro_batches % pp == 0,
+                 f"interleaved pipelining needs micro-batches per step ({micro_batches} = global "
+                 f"{t.global_batch_size} / (micro {t.micro_batch_size} x dp {dp})) divisible by pipeline_parallel {pp}")
+    if t.rampup_batch_size is not None:
+        _require(len(t.rampup_batch_size) == 3,
+                 f"training.rampup_batch_size {t.rampup_batch_size} must be [start, increment, ramp_samples]")
+        start, increment, _ = t.rampup_batch_size
+        _require(start % step == 0 and increment % step == 0,
+                 f"rampup start {start} and increment {increment} must be multiples of micro x dp = {step}")
+        _require((t.global_batch_size - start) % increment == 0,
+                 f"global_batch_size {t.global_batch_size} - rampup start {start} is not a multiple of "
+                 f"increment {increment}")
+    _require((t.train_iters is None) != (t.train_samples is None),
+             "set exactly one of training.train_iters and training.train_samples "
+             f"(got train_iters={t.train_iters}, train_samples={t.train_samples})")
+    if t.rampup_batch_size is not None:
+        _require(t.train_samples is not None, "batch-size ramp-up needs training.train_samples, not train_iters")
+    _require(t.recompute in ("none", "selective", "full"),
+             f"training.recompute {t.recompute!r} must be none, selective or full")
+    _require(o.lr_decay_style in ("cosine", "linear", "constant"),
+             f"optimizer.lr_decay_style {o.lr_decay_style!r} must be cosine, linear or constant")
+    _require(0 <= o.min_lr <= o.lr, f"optimizer.min_lr {o.min_lr} must be in [0, lr {o.lr}]")
+    _require(pr.dtype in ("fp32", "bf16", "fp16"), f"precision.dtype {pr.dtype!r} must be fp32, bf16 or fp16")
+    _require(config.data.mock or bool(config.data.data_path),
+             "data.data_path is empty: give dataset prefixes (or data.mock=true for random tokens)")
+    _require(config.logging.log_interval >= 1, f"logging.log_interval {config.logging.log_interval} must be >= 1")
+    if config.checkpoint.save_interval is not None:
+        _require(config.checkpoint.save is not None, "checkpoint.save_interval is set but checkpoint.save is not")

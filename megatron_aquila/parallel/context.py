@@ -1,0 +1,147 @@
+"""The rank grid and its process groups, passed explicitly to every parallel component.
+
+World = TP x DP x PP with TP fastest (Megatron's ``tp-dp-pp`` order without context or expert
+parallelism), so a tensor-parallel group is a run of adjacent ranks on one node:
+
+    global_rank = tp_rank + tp_size * (dp_rank + dp_size * pp_rank)
+
+No module-level state: every layer, schedule and optimizer receives the ``ParallelContext`` (or
+one of its groups) it works in. A single process without ``torch.distributed`` is the context
+with every group ``None`` and every size 1; the collectives in ``mappings`` are identities there.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = Optional[dist.ProcessGroup]
+
+
+def group_size(group: ProcessGroup) -> int:
+    """Size of ``group``; a ``None`` group is the trivial group of one process."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: ProcessGroup) -> int:
+    """This process's rank inside ``group`` (0 for the trivial group)."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+def grid_rank(tp_rank: int, dp_rank: int, pp_rank: int, tp_size: int, dp_size: int) -> int:
+    """Global rank of grid coordinate (tp_rank, dp_rank, pp_rank) in ``tp-dp-pp`` order."""
+    return tp_rank + tp_size * (dp_rank + dp_size * pp_rank)
+
+
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+@dataclass
+class ParallelContext:
+    """This process's coordinates in the TP x DP x PP grid and the groups it belongs to."""
+
+    rank: int
+    world_size: int
+    tp_size: int
+    dp_size: int
+    pp_size: int
+    tp_rank: int
+    dp_rank: int
+    pp_rank: int
+    tp_group: ProcessGroup
+    dp_group: ProcessGroup
+    pp_group: ProcessGroup
+    model_parallel_group: ProcessGroup  # TP x PP ranks sharing one data-parallel replica index
+    world_group: ProcessGroup           # every rank (global grad norm, inf checks, logged loss)
+    pp_ranks: tuple[int, ...]           # global ranks of this process's pipeline, stage order
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def next_stage_rank(self) -> int:
+        """Global rank of the next pipeline stage (wraps around, as interleaving needs)."""
+        return self.pp_ranks[(self.pp_rank + 1) % self.pp_size]
+
+    @property
+    def prev_stage_rank(self) -> int:
+        """Global rank of the previous pipeline stage (wraps around)."""
+        return self.pp_ranks[(self.pp_rank - 1) % self.pp_size]
+
+    @classmethod
+    def single_process(cls, device: torch.device | None = None) -> "ParallelContext":
+        """The context of one process with no ``torch.distributed`` (TP = PP = DP = 1)."""
+        return cls(
+            rank=0, world_size=1, tp_size=1, dp_size=1, pp_size=1, tp_rank=0, dp_rank=0, pp_rank=0,
+            tp_group=None, dp_group=None, pp_group=None, model_parallel_group=None, world_group=None,
+            pp_ranks=(0,), device=device or torch.device("cpu"),
+        )
+
+    @classmethod
+    def initialize(cls, tp_size: int, pp_size: int, device: torch.device | None = None) -> "ParallelContext":
+        """Build every TP, DP, PP and model-parallel group of an initialised default process group.
+
+        Every rank must call this with the same sizes: ``new_group`` is collective over the world.
+        """
+        assert dist.is_initialized(), "call torch.distributed.init_process_group before ParallelContext.initialize"
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        model_parallel = tp_size * pp_size
+        if world_size % model_parallel != 0:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor parallel {tp_size} x pipeline parallel "
+                f"{pp_size} = {model_parallel}; launch a multiple of {model_parallel} processes"
+            )
+        dp_size = world_size // model_parallel
+        tp_rank = rank % tp_size
+        dp_rank = (rank // tp_size) % dp_size
+        pp_rank = rank // (tp_size * dp_size)
+
+        def ranks(tp: range | list[int], dp: range | list[int], pp: range | list[int]) -> list[int]:
+            return sorted(grid_rank(t, d, p, tp_size, dp_size) for p in pp for d in dp for t in tp)
+
+        mine: dict[str, ProcessGroup] = {}
+        pp_ranks: tuple[int, ...] = ()
+        # new_group is collective: every rank creates every group, in the same order.
+        for d in range(dp_size):
+            for p in range(pp_size):
+                group = dist.new_group(ranks(range(tp_size), [d], [p]))
+                if (d, p) == (dp_rank, pp_rank):
+                    mine["tp"] = group
+        for t in range(tp_size):
+            for p in range(pp_size):
+                group = dist.new_group(ranks([t], range(dp_size), [p]))
+                if (t, p) == (tp_rank, pp_rank):
+                    mine["dp"] = group
+        for t in range(tp_size):
+            for d in range(dp_size):
+                members = [grid_rank(t, d, p, tp_size, dp_size) for p in range(pp_size)]
+                group = dist.new_group(members)
+                if (t, d) == (tp_rank, dp_rank):
+                    mine["pp"], pp_ranks = group, tuple(members)
+        for d in range(dp_size):
+            group = dist.new_group(ranks(range(tp_size), [d], range(pp_size)))
+            if d == dp_rank:
+                mine["mp"] = group
+        return cls(
+            rank=rank, world_size=world_size, tp_size=tp_size, dp_size=dp_size, pp_size=pp_size,
+            tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=pp_rank,
+            tp_group=mine["tp"], dp_group=mine["dp"], pp_group=mine["pp"], model_parallel_group=mine["mp"],
+            world_group=dist.group.WORLD, pp_ranks=pp_ranks, device=device or default_device(),
+        )
+
+    def describe(self) -> str:
+        return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp_size} "
+                f"dp {self.dp_rank}/{self.dp_size} pp {self.pp_rank}/{self.pp_size} on {self.device}")

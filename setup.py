@@ -1,0 +1,36 @@
+"""Build and install megatron_aquila with its pybind11 C++ index helpers."""
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+helpers_extension = Pybind11Extension(
+    "megatron_aquila.data._helpers",
+    ["csrc/helpers.cpp"],
+    cxx_std=17,
+    extra_compile_args=["-O3"],
+)
+
+setup(
+    name="megatron_aquila",
+    version="0.1.0",
+    description="Megatron-style 3D-parallel pretraining for the Aquila2 model family",
+    packages=find_packages(include=["megatron_aquila", "megatron_aquila.*"]),
+    ext_modules=[helpers_extension],
+    cmdclass={"build_ext": build_ext},
+    python_requires=">=3.10",
+    # A range that an installed torch satisfies installs nothing more; CI installs the CPU build first.
+    install_requires=[
+        "torch>=2.3",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "tokenizers>=0.15",
+        "sentencepiece>=0.1.99",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2", "transformers>=4.40", "tensorboard>=2.14"],
+        "gpu": ["transformer-engine[pytorch]>=1.8", "flash-attn>=2.5"],
+        "wandb": ["wandb>=0.16"],
+        "tensorboard": ["tensorboard>=2.14"],
+    },
+)
