@@ -135,8 +135,6 @@ class DataConfig:
 
     data_path: list[Any] = field(default_factory=list)  # [prefix] or [w1, prefix1, w2, prefix2, ...]
     split: str = "949,50,1"
-    tokenizer_type: str = "aquila-bbpe"     # aquila-bbpe | sentencepiece
-    tokenizer_path: Optional[str] = None
     cache_dir: Optional[str] = None         # index cache; default: beside the first data prefix
     num_workers: int = 1
     mock: bool = False                      # random tokens instead of data_path (benchmarks, planning)

@@ -20,8 +20,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     ),
     # CPU shapes for the demo, tests and benchmarks (vocab from the locally trained tiny tokenizer).
     "tiny": dict(
-        num_layers=4, hidden_size=256, num_attention_heads=8, num_kv_heads=4,
-        ffn_multiple_of=64, ffn_multiplier=None, seq_length=256, vocab_size=8192,
+        num_layers=4, hidden_size=128, num_attention_heads=4, num_kv_heads=2,
+        ffn_multiple_of=64, ffn_multiplier=None, seq_length=128, vocab_size=8192,
         make_vocab_size_divisible_by=64, norm_eps=1e-5, norm_init=1.0, rope_base=10000.0, init_std=0.02,
     ),
     "small-512": dict(

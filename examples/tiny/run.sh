@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The CPU demo, end to end: corpus -> tokenizer -> .bin/.idx -> TP2 x DP2 training on 4 processes.
+# Usage: bash examples/tiny/run.sh [section.key=value ...]   (run from the repository root)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+mkdir -p data/tiny
+[ -f data/tiny/sample.jsonl ] || python tools/make_sample_corpus.py --output data/tiny/sample.jsonl --target-mb 4
+[ -f data/tiny/tokenizer/vocab.json ] || python tools/train_tiny_tokenizer.py \
+    --input data/tiny/sample.jsonl --output-dir data/tiny/tokenizer --vocab-size 8192
+[ -f data/tiny/sample_text_document.idx ] || python tools/preprocess_data.py \
+    --input data/tiny/sample.jsonl --json-keys text --output-prefix data/tiny/sample \
+    --tokenizer-type aquila-bbpe --tokenizer-path data/tiny/tokenizer --append-eod --workers 2
+torchrun --standalone --nproc_per_node 4 -m megatron_aquila.train examples/tiny/tiny.yaml "$@"

@@ -1,0 +1,90 @@
+"""Build the components of a run from a validated Config and this rank's ParallelContext."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_aquila.batch_schedule import BatchSchedule
+from megatron_aquila.config import Config
+from megatron_aquila.data.loader import build_streams
+from megatron_aquila.metrics import MetricsWriter, device_peak_tflops
+from megatron_aquila.model.aquila import AquilaModel
+from megatron_aquila.model.flops import flops_per_iteration
+from megatron_aquila.optim.lr_schedule import LRScheduler
+from megatron_aquila.optim.optimizer import build_optimizer
+from megatron_aquila.parallel.context import ParallelContext
+from megatron_aquila.parallel.data_parallel import DataParallelGradBuffer
+from megatron_aquila.parallel.pipeline.partition import chunk_has_embedding, chunk_has_head, chunk_layer_ids
+from megatron_aquila.trainer import TrainerParts, TrainingState
+
+logger = logging.getLogger("megatron_aquila")
+
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_model_chunks(config: Config, ctx: ParallelContext, device: Optional[torch.device] = None) -> list[AquilaModel]:
+    """This rank's model chunks: one per virtual pipeline stage, layers assigned by partition.py."""
+    p, vpp = config.parallel, config.parallel.virtual_pipeline_stages
+    return [
+        AquilaModel(
+            config.model, ctx, sequence_parallel=p.sequence_parallel, recompute=config.training.recompute,
+            layer_ids=chunk_layer_ids(config.model.num_layers, ctx.pp_size, vpp, ctx.pp_rank, chunk, p.pipeline_layers),
+            pre_process=chunk_has_embedding(ctx.pp_rank, chunk),
+            post_process=chunk_has_head(ctx.pp_rank, chunk, ctx.pp_size, vpp),
+            params_dtype=PARAM_DTYPES[config.precision.dtype], device=device or ctx.device, seed=config.training.seed,
+        )
+        for chunk in range(vpp)
+    ]
+
+
+def shared_peak_tflops(config: Config, ctx: ParallelContext) -> float:
+    """Per-device peak; on CPU rank 0 measures the machine once and the others receive it."""
+    processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if ctx.device.type == "cpu" and config.logging.peak_tflops is None and ctx.world_size > 1:
+        value = torch.zeros(1, dtype=torch.float64)
+        if ctx.rank == 0:
+            peak, source = device_peak_tflops(ctx.device, None, processes_per_node)
+            value[0] = peak
+            logger.info(f"MFU peak: {peak * 1e3:.1f} GFLOP/s per process ({source})")
+        dist.broadcast(value, src=0)
+        return float(value.item())
+    peak, source = device_peak_tflops(ctx.device, config.logging.peak_tflops, processes_per_node)
+    logger.info(f"MFU peak: {peak:.4f} TFLOP/s per device ({source})")
+    return peak
+
+
+def build_trainer_parts(config: Config, ctx: ParallelContext) -> tuple[TrainerParts, TrainingState]:
+    p, t = config.parallel, config.training
+    torch.manual_seed(t.seed)
+    chunks = build_model_chunks(config, ctx)
+    local_params = sum(param.numel() for chunk in chunks for param in chunk.parameters())
+    logger.info(f"{ctx.describe()} | {local_params:,} parameters on this rank | {chunks[0].kernel_description()}")
+    buffers = [DataParallelGradBuffer(chunk, ctx, p.grad_bucket_size_mb, p.overlap_grad_reduce, p.distributed_optimizer)
+               for chunk in chunks]
+    optimizer = build_optimizer(chunks, buffers, config.optimizer, config.precision, ctx, p.distributed_optimizer)
+    schedule = BatchSchedule(t.global_batch_size, t.micro_batch_size, ctx.dp_size,
+                             tuple(t.rampup_batch_size) if t.rampup_batch_size else None)
+    train_samples = t.train_samples if t.train_samples is not None else t.train_iters * t.global_batch_size
+    train_stream, valid_stream = build_streams(config, ctx, train_samples)
+    padded_vocab = config.model.padded_vocab_size(ctx.tp_size)
+    parts = TrainerParts(
+        model_chunks=chunks, grad_buffers=buffers, optimizer=optimizer,
+        lr_scheduler=LRScheduler.from_config(config.optimizer, t), batch_schedule=schedule,
+        train_stream=train_stream, valid_stream=valid_stream,
+        flops_per_sample=flops_per_iteration(config.model, 1, padded_vocab),
+        peak_tflops=shared_peak_tflops(config, ctx),
+    )
+    return parts, TrainingState()
+
+
+def build_metrics(config: Config, ctx: ParallelContext) -> Optional[MetricsWriter]:
+    """TensorBoard / wandb sinks on rank 0 when configured; None otherwise (log line only)."""
+    logging_config = config.logging
+    if ctx.rank != 0 or not (logging_config.tensorboard_dir or logging_config.wandb_project):
+        return None
+    return MetricsWriter(logging_config.tensorboard_dir, logging_config.wandb_project, logging_config.wandb_mode,
+                         config.to_dict(), logging_config.output_dir)

@@ -1,0 +1,81 @@
+"""Micro-batch streams for training and validation, from the recipe's data section.
+
+Every rank of a data-parallel replica (its TP and PP ranks) reads the same micro-batches from the
+memory-mapped dataset; the sampler slices each global step by data-parallel rank. The train
+stream restarts exactly at a consumed-samples count. Validation reads the same first
+``eval_iters`` global batches of the valid split at every evaluation, so values are comparable.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_aquila.config import Config
+from megatron_aquila.data.blended_dataset import build_blended_gpt_datasets
+from megatron_aquila.data.gpt_dataset import GPTDatasetConfig
+from megatron_aquila.data.sampler import MicroBatchSampler, collate_samples
+from megatron_aquila.parallel.context import ParallelContext
+
+StreamFactory = Callable[[int], Iterator[dict[str, torch.Tensor]]]
+
+
+class MockGPTDataset(torch.utils.data.Dataset):
+    """Random tokens, a pure function of (seed, index): for benchmarks and planning runs."""
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int):
+        self.num_samples, self.seq_length, self.vocab_size, self.seed = num_samples, seq_length, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        text = torch.randint(0, self.vocab_size, (self.seq_length + 1,), generator=generator)
+        return {
+            "tokens": text[:-1], "labels": text[1:],
+            "loss_mask": torch.ones(self.seq_length, dtype=torch.float32),
+            "position_ids": torch.arange(self.seq_length),
+        }
+
+
+def _stream(dataset: torch.utils.data.Dataset, consumed: int, config: Config, ctx: ParallelContext,
+            num_workers: int) -> Iterator[dict[str, torch.Tensor]]:
+    sampler = MicroBatchSampler(len(dataset), consumed, config.training.micro_batch_size, ctx.dp_rank, ctx.dp_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
+                                         num_workers=num_workers, pin_memory=ctx.device.type == "cuda",
+                                         persistent_workers=False)
+    for batch in loader:
+        yield {key: value.to(ctx.device, non_blocking=True) for key, value in batch.items()}
+
+
+def build_streams(config: Config, ctx: ParallelContext, train_samples: int) -> tuple[StreamFactory, Optional[StreamFactory]]:
+    """(train stream from a consumed count, valid stream or None) for this rank."""
+    t = config.training
+    valid_samples = t.eval_iters * t.global_batch_size if t.eval_interval else 0
+    if config.data.mock:
+        vocab = config.model.vocab_size
+        train = MockGPTDataset(train_samples, config.model.seq_length, vocab, t.seed)
+        valid = MockGPTDataset(valid_samples, config.model.seq_length, vocab, t.seed + 1) if valid_samples else None
+    else:
+        prefixes = [entry for entry in config.data.data_path if isinstance(entry, str)]
+        cache_dir = config.data.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+        dataset_config = GPTDatasetConfig(seq_length=config.model.seq_length, seed=t.seed, split=config.data.split,
+                                          cache_dir=cache_dir)
+        barrier = (lambda: dist.barrier()) if dist.is_initialized() else None
+        train, valid, _ = build_blended_gpt_datasets(
+            [str(entry) for entry in config.data.data_path], [train_samples, valid_samples or 0, 0],
+            dataset_config, is_builder=ctx.rank == 0, barrier=barrier)
+        if train is None:
+            raise ValueError(f"the train split of {config.data.data_path} is empty (split {config.data.split!r})")
+    workers = config.data.num_workers
+
+    def train_stream(consumed: int) -> Iterator[dict[str, torch.Tensor]]:
+        return _stream(train, consumed, config, ctx, workers)
+
+    def valid_stream(consumed: int) -> Iterator[dict[str, torch.Tensor]]:
+        return _stream(valid, consumed, config, ctx, 0)
+
+    return train_stream, (valid_stream if valid is not None else None)

@@ -1,0 +1,95 @@
+"""Entry point: ``torchrun --nproc_per_node N -m megatron_aquila.train RECIPE.yaml [section.key=value ...]``.
+
+Parses and validates the recipe before any process-group work, initialises torch.distributed
+(NCCL on GPU, gloo on CPU), builds the components and runs the training loop.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_aquila.build import build_metrics, build_trainer_parts
+from megatron_aquila.config import Config, ConfigError, load_config
+from megatron_aquila.parallel.context import ParallelContext, default_device
+from megatron_aquila.trainer import Trainer, TrainingState
+
+logger = logging.getLogger("megatron_aquila")
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_aquila.train",
+        description="Pretrain an Aquila2 model. Launch with torchrun, one process per device.")
+    parser.add_argument("recipe", help="YAML recipe, e.g. examples/tiny/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.train_iters=100")
+    return parser.parse_args(argv)
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank {rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+
+
+def init_distributed(config: Config) -> ParallelContext:
+    """Join the torchrun job (if any) and build the parallel grid."""
+    device = default_device()
+    if "RANK" not in os.environ:
+        return ParallelContext.single_process(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    return ParallelContext.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel, device)
+
+
+def share_cpu_threads() -> None:
+    """Give each of this node's processes an equal share of the cores (no oversubscription)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def save_resolved_config(config: Config, ctx: ParallelContext) -> None:
+    output_dir = config.logging.output_dir or config.checkpoint.save
+    if ctx.rank != 0 or output_dir is None:
+        return
+    path = Path(output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".yaml.tmp")
+    temporary.write_text(config.to_yaml())
+    temporary.replace(path)
+
+
+def main(argv: Optional[list[str]] = None) -> TrainingState:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        config = load_config(args.recipe, args.overrides)
+        config.validate(world_size)
+    except ConfigError as error:
+        raise SystemExit(f"configuration error: {error}") from None
+    if default_device().type == "cpu":
+        share_cpu_threads()
+    ctx = init_distributed(config)
+    logger.info(f"resolved configuration:\n{config.to_yaml()}")
+    save_resolved_config(config, ctx)
+    try:
+        parts, state = build_trainer_parts(config, ctx)
+        metrics = build_metrics(config, ctx)
+        return Trainer(config, ctx, parts, metrics, state).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
