@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Aquila2-7B pretraining under Slurm: one torchrun per node (srun), c10d rendezvous on the first node
+# of the allocation. Submit from the repository root; extra arguments are recipe overrides:
+#   sbatch examples/aquila2/7b/launch_slurm.sh data.data_path='[/data/aquila/corpus_text_document]'
+# Change --nodes (or pass sbatch --nodes N) for another cluster size; the layout must divide it:
+#   python -m megatron_aquila.plan examples/aquila2/7b/aquila2_7b.yaml --nodes N --gpus-per-node 8 --gpu A800-80G
+# In a container (e.g. Slurm's pyxis plugin) add the image to the srun line:
+#   --container-image=<image built from ./Dockerfile> --container-mounts=<data and checkpoint dirs>
+#SBATCH --job-name=aquila2-7b
+#SBATCH --nodes=12
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --output=aquila2-7b-%j.out
+set -euo pipefail
+# sbatch runs a copy of this script, so find the repository from the submit directory.
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+RECIPE=examples/aquila2/7b/aquila2_7b.yaml
+if [ ! -f "$REPO_DIR/$RECIPE" ]; then
+    echo "launch_slurm.sh: $REPO_DIR/$RECIPE not found; submit from the repository root or set REPO_DIR" >&2
+    exit 2
+fi
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+RDZV_PORT=${RDZV_PORT:-29500}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+
+# Expanded here, once, so every node gets the same endpoint and overrides (each "$@" word stays one word).
+srun --nodes "$SLURM_JOB_NUM_NODES" --ntasks-per-node 1 --kill-on-bad-exit=1 --chdir "$REPO_DIR" \
+    torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$GPUS_PER_NODE" \
+    --rdzv_backend c10d --rdzv_endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
+    -m megatron_aquila.train "$RECIPE" "$@"
