@@ -45,8 +45,9 @@ def init_distributed(config: Config) -> ParallelContext:
         return ParallelContext.single_process(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     return ParallelContext.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel, device)
 
 

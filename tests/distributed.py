@@ -7,6 +7,7 @@ the test with that rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -29,7 +30,9 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle copies tensor data by value: the parent may read it after this process exits
+        # (the queue's own pickler would pass shared-memory handles that die with the process).
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report any failure to the parent with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -50,7 +53,7 @@ def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout: fl
     for _ in range(world_size):
         rank, status, payload = queue.get()
         if status == "ok":
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
         else:
             errors.append(f"rank {rank} failed:\n{payload}")
             break

@@ -23,7 +23,11 @@ StreamFactory = Callable[[int], Iterator[dict[str, torch.Tensor]]]
 
 
 class MockGPTDataset(torch.utils.data.Dataset):
-    """Random tokens, a pure function of (seed, index): for benchmarks and planning runs."""
+    """Synthetic samples, a pure function of (seed, index): for tests, benchmarks and planning runs.
+
+    Each sample is an arithmetic progression modulo the vocabulary with a random start and a
+    random stride in [1, 8], so a model can learn it and the loss visibly falls.
+    """
 
     def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int):
         self.num_samples, self.seq_length, self.vocab_size, self.seed = num_samples, seq_length, vocab_size, seed
@@ -33,7 +37,8 @@ class MockGPTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        text = torch.randint(0, self.vocab_size, (self.seq_length + 1,), generator=generator)
+        start, stride = torch.randint(0, self.vocab_size, (1,), generator=generator), torch.randint(1, 9, (1,), generator=generator)
+        text = (start + stride * torch.arange(self.seq_length + 1)) % self.vocab_size
         return {
             "tokens": text[:-1], "labels": text[1:],
             "loss_mask": torch.ones(self.seq_length, dtype=torch.float32),
