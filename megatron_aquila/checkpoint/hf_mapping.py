@@ -1,0 +1,340 @@
+"""Full state dict <-> Hugging Face LlamaForCausalLM state dict, and the HF config files.
+
+A *full state dict* maps our global parameter names (``layers.3.attention.qkv.weight``) to full
+TP1 tensors with the vocabulary padded for some tensor-parallel size (see ``full_state.py``).
+Name and layout mapping, with n heads, g kv heads, d head dim, h hidden, f ffn, V vocab:
+
+    embedding.weight [V_pad, h]                        -> model.embed_tokens.weight [V, h] (padding trimmed)
+    layers.i.input_norm.weight [h]                     -> model.layers.i.input_layernorm.weight
+    layers.i.attention.qkv.weight [(n + 2g) d, h]      -> model.layers.i.self_attn.{q,k,v}_proj.weight
+        rows grouped by kv group j: the n/g query heads of group j, then k_j, then v_j (d rows each);
+        HF query head k uses kv head k // (n/g), the same grouping, so the split is a reshape.
+    layers.i.attention.dense.weight [h, n d]           -> model.layers.i.self_attn.o_proj.weight
+    layers.i.post_attention_norm.weight [h]            -> model.layers.i.post_attention_layernorm.weight
+    layers.i.mlp.gate_up.weight [2, f, h]              -> model.layers.i.mlp.{gate,up}_proj.weight
+    layers.i.mlp.down.weight [h, f]                    -> model.layers.i.mlp.down_proj.weight
+    final_norm.weight [h]                              -> model.norm.weight
+    output_layer.weight [V_pad, h]                     -> lm_head.weight [V, h] (untied)
+
+HF Llama rotates halves (pairs i, i + d/2), like our default, so q/k rows are copied as they are.
+A model trained with ``rope_interleaved`` (pairs 2i, 2i + 1) is exported with the rows of every
+q and k head permuted to [0, 2, 4, ..., 1, 3, 5, ...]: that turns interleaved pairs into halves
+and leaves q.k unchanged. Imports always give rotate-half (``rope_interleaved`` false).
+
+Importing pads the vocabulary to ``ModelConfig.padded_vocab_size(tp)`` with zero rows: padded
+ids are never inputs, and their logits are 0 (trim the logits to the real vocabulary before
+sampling, as the HF model does by construction).
+
+Model type ``aquila`` writes BAAI's own config (``AquilaForCausalLM``, ``auto_map`` to
+``configuration_aquila.py`` / ``modeling_aquila.py``). transformers has no built-in ``aquila``
+type, so such a directory loads only with BAAI's remote-code files copied into it and
+``trust_remote_code=True``; the weights are the same as the ``llama`` export, which
+``AutoModelForCausalLM`` loads with no remote code.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from megatron_aquila.config import ModelConfig
+
+# Aquila2 tokenizer ids (DESIGN.md section 7), used when no tokenizer directory is given.
+AQUILA_BOS_ID, AQUILA_EOS_ID, AQUILA_PAD_ID = 100006, 100007, 0
+
+MODEL_TYPES = ("llama", "aquila")
+HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Buffers some HF checkpoints carry that are recomputed at load time.
+_IGNORED_HF_KEYS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+class ConversionError(ValueError):
+    """A tensor, file or config field that does not fit the conversion; the message names it."""
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Special token ids written to config.json and generation_config.json."""
+
+    bos: int = AQUILA_BOS_ID
+    eos: int = AQUILA_EOS_ID
+    pad: int = AQUILA_PAD_ID
+
+
+def token_ids_from_tokenizer(tokenizer_dir: str | Path | None, vocab_size: int) -> TokenIds:
+    """bos/eos/pad from the tokenizer files in ``tokenizer_dir``, else Aquila's 100006/100007/0.
+
+    A directory with ``tokenizer.model`` is read as SentencePiece, else as Aquila's byte-level
+    BPE (vocab.json + merges.txt + special_tokens.txt, or tokenizer.json).
+    """
+    from megatron_aquila.data.tokenizer import build_tokenizer
+
+    if tokenizer_dir is None:
+        ids = TokenIds()
+        where = "the Aquila defaults"
+    else:
+        tokenizer_dir = Path(tokenizer_dir)
+        if not tokenizer_dir.is_dir():
+            raise ConversionError(f"tokenizer directory {tokenizer_dir} does not exist")
+        if (tokenizer_dir / "tokenizer.model").is_file():
+            tokenizer = build_tokenizer("sentencepiece", tokenizer_dir / "tokenizer.model")
+        else:
+            tokenizer = build_tokenizer("aquila-bbpe", tokenizer_dir)
+        ids = TokenIds(bos=tokenizer.bos, eos=tokenizer.eod, pad=tokenizer.pad)
+        where = f"the tokenizer in {tokenizer_dir}"
+    for field_name, value in (("bos", ids.bos), ("eos", ids.eos), ("pad", ids.pad)):
+        if value is not None and not 0 <= value < vocab_size:
+            raise ConversionError(f"{field_name} token id {value} from {where} is outside the model vocabulary "
+                                  f"[0, {vocab_size}); pass the model's own tokenizer directory (--tokenizer-dir)")
+    return ids
+
+
+def expected_full_shapes(config: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, ...]]:
+    """Every parameter name of the whole model and its full TP1 shape (vocab padded to ``padded_vocab``)."""
+    n, g, d, h, f = (config.num_attention_heads, config.kv_heads, config.head_dim, config.hidden_size,
+                     config.ffn_size)
+    shapes: dict[str, tuple[int, ...]] = {"embedding.weight": (padded_vocab, h)}
+    for i in range(config.num_layers):
+        shapes.update({
+            f"layers.{i}.input_norm.weight": (h,),
+            f"layers.{i}.attention.qkv.weight": ((n + 2 * g) * d, h),
+            f"layers.{i}.attention.dense.weight": (h, n * d),
+            f"layers.{i}.post_attention_norm.weight": (h,),
+            f"layers.{i}.mlp.gate_up.weight": (2, f, h),
+            f"layers.{i}.mlp.down.weight": (h, f),
+        })
+    shapes["final_norm.weight"] = (h,)
+    shapes["output_layer.weight"] = (padded_vocab, h)
+    return shapes
+
+
+def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every LlamaForCausalLM weight name and shape (unpadded vocab)."""
+    n, g, d, h, f, v = (config.num_attention_heads, config.kv_heads, config.head_dim, config.hidden_size,
+                        config.ffn_size, config.vocab_size)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (n * d, h),
+            p + "self_attn.k_proj.weight": (g * d, h),
+            p + "self_attn.v_proj.weight": (g * d, h),
+            p + "self_attn.o_proj.weight": (h, n * d),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        })
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def check_names_and_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]],
+                           source: str, hint: str) -> None:
+    """Raise ConversionError listing missing, unexpected and mis-shaped tensors of ``source``."""
+    missing = [name for name in expected if name not in tensors]
+    unexpected = [name for name in tensors if name not in expected]
+    wrong = [f"{name}: expected {tuple(expected[name])}, got {tuple(tensors[name].shape)}"
+             for name in expected if name in tensors and tuple(tensors[name].shape) != tuple(expected[name])]
+    problems = []
+    if missing:
+        more = " ..." if len(missing) > 8 else ""
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{more}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}"
+                        f"{' ...' if len(unexpected) > 8 else ''}")
+    if wrong:
+        problems.append("wrong shape: " + "; ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else ""))
+    if problems:
+        raise ConversionError(f"{source} does not match the model config: " + " | ".join(problems) + f". {hint}")
+
+
+def full_vocab_rows(full: Mapping[str, torch.Tensor], config: ModelConfig, source: str) -> int:
+    """The padded vocabulary size of a full state dict (rows of its embedding), checked."""
+    if "embedding.weight" not in full:
+        raise ConversionError(f"{source} has no embedding.weight")
+    rows = full["embedding.weight"].shape[0]
+    if rows < config.vocab_size:
+        raise ConversionError(f"{source}: embedding.weight has {rows} rows, fewer than model.vocab_size "
+                              f"{config.vocab_size}; the weights belong to another model config")
+    return rows
+
+
+def _permute_heads(weight: torch.Tensor, heads: int, to_halves: bool) -> torch.Tensor:
+    """Reorder the d rows of every head: interleaved pairs (2i, 2i+1) <-> halves (i, i + d/2)."""
+    rows, h = weight.shape
+    d = rows // heads
+    if to_halves:
+        return weight.view(heads, d // 2, 2, h).transpose(1, 2).reshape(rows, h)
+    return weight.view(heads, 2, d // 2, h).transpose(1, 2).reshape(rows, h)
+
+
+def full_to_hf(full: Mapping[str, torch.Tensor], config: ModelConfig,
+               dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM state dict (vocab padding trimmed) of a full state dict; every tensor owns its storage."""
+    padded = full_vocab_rows(full, config, "the full state dict")
+    check_names_and_shapes(full, expected_full_shapes(config, padded), "the full state dict",
+                           "Check that --config describes the model these weights were trained with.")
+    n, g, d, h, v = (config.num_attention_heads, config.kv_heads, config.head_dim, config.hidden_size,
+                     config.vocab_size)
+    hf: dict[str, torch.Tensor] = {"model.embed_tokens.weight": full["embedding.weight"][:v]}
+    for i in range(config.num_layers):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        qkv = full[src + "attention.qkv.weight"].view(g, n // g + 2, d, h)
+        q = qkv[:, : n // g].reshape(n * d, h)
+        k = qkv[:, n // g].reshape(g * d, h)
+        if config.rope_interleaved:
+            q, k = _permute_heads(q, n, to_halves=True), _permute_heads(k, g, to_halves=True)
+        gate, up = full[src + "mlp.gate_up.weight"]
+        hf.update({
+            dst + "input_layernorm.weight": full[src + "input_norm.weight"],
+            dst + "self_attn.q_proj.weight": q,
+            dst + "self_attn.k_proj.weight": k,
+            dst + "self_attn.v_proj.weight": qkv[:, n // g + 1].reshape(g * d, h),
+            dst + "self_attn.o_proj.weight": full[src + "attention.dense.weight"],
+            dst + "post_attention_layernorm.weight": full[src + "post_attention_norm.weight"],
+            dst + "mlp.gate_proj.weight": gate,
+            dst + "mlp.up_proj.weight": up,
+            dst + "mlp.down_proj.weight": full[src + "mlp.down.weight"],
+        })
+    hf["model.norm.weight"] = full["final_norm.weight"]
+    hf["lm_head.weight"] = full["output_layer.weight"][:v]
+    # Copies: safetensors refuses views sharing storage (q, k, v are slices of one qkv tensor).
+    return {name: t.to(dtype or t.dtype).clone(memory_format=torch.contiguous_format) for name, t in hf.items()}
+
+
+def resize_vocab(weight: torch.Tensor, vocab_size: int, padded_vocab: int) -> torch.Tensor:
+    """Keep the first ``vocab_size`` rows and append zero rows up to ``padded_vocab``."""
+    rows = weight[:vocab_size]
+    if padded_vocab == vocab_size:
+        return rows.clone()
+    return torch.cat([rows, rows.new_zeros(padded_vocab - vocab_size, *weight.shape[1:])])
+
+
+def hf_to_full(hf: Mapping[str, torch.Tensor], config: ModelConfig, tp_size: int,
+               dtype: Optional[torch.dtype] = None, source: str = "the HF checkpoint") -> dict[str, torch.Tensor]:
+    """Full state dict (vocab padded for ``tp_size``) of a LlamaForCausalLM state dict.
+
+    A tied checkpoint (no ``lm_head.weight``) gets a copy of the embedding as output layer.
+    """
+    if config.rope_interleaved:
+        raise ConversionError("HF Llama weights are rotate-half; import them with model.rope_interleaved false")
+    hf = {name: t for name, t in hf.items() if not _IGNORED_HF_KEYS.match(name)}
+    if "lm_head.weight" not in hf and "model.embed_tokens.weight" in hf:
+        hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
+    check_names_and_shapes(hf, expected_hf_shapes(config), source,
+                           "Check config.json against the weight files (vocab_size, intermediate_size, heads).")
+    n, g, d, h = config.num_attention_heads, config.kv_heads, config.head_dim, config.hidden_size
+    padded = config.padded_vocab_size(tp_size)
+    full: dict[str, torch.Tensor] = {
+        "embedding.weight": resize_vocab(hf["model.embed_tokens.weight"], config.vocab_size, padded)}
+    for i in range(config.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        q = hf[src + "self_attn.q_proj.weight"].view(g, n // g, d, h)
+        k = hf[src + "self_attn.k_proj.weight"].view(g, 1, d, h)
+        v = hf[src + "self_attn.v_proj.weight"].view(g, 1, d, h)
+        full.update({
+            dst + "input_norm.weight": hf[src + "input_layernorm.weight"],
+            dst + "attention.qkv.weight": torch.cat([q, k, v], dim=1).reshape((n + 2 * g) * d, h),
+            dst + "attention.dense.weight": hf[src + "self_attn.o_proj.weight"],
+            dst + "post_attention_norm.weight": hf[src + "post_attention_layernorm.weight"],
+            dst + "mlp.gate_up.weight": torch.stack([hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]]),
+            dst + "mlp.down.weight": hf[src + "mlp.down_proj.weight"],
+        })
+    full["final_norm.weight"] = hf["model.norm.weight"]
+    full["output_layer.weight"] = resize_vocab(hf["lm_head.weight"], config.vocab_size, padded)
+    return {name: t.to(dtype or t.dtype).clone(memory_format=torch.contiguous_format) for name, t in full.items()}
+
+
+def hf_config_dict(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, model_type: str = "llama",
+                   token_ids: TokenIds = TokenIds()) -> dict[str, Any]:
+    """config.json of the export: LlamaConfig fields, or BAAI's ``aquila`` config (module docstring)."""
+    if model_type not in MODEL_TYPES:
+        raise ConversionError(f"model type {model_type!r} must be one of {MODEL_TYPES}")
+    if dtype not in _TORCH_DTYPE_NAMES:
+        raise ConversionError(f"dtype {dtype} must be one of {sorted(_TORCH_DTYPE_NAMES.values())}")
+    hf: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM" if model_type == "llama" else "AquilaForCausalLM"],
+        "model_type": model_type,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.ffn_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.kv_heads,
+        "num_hidden_layers": config.num_layers,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_base,
+        "rope_scaling": None,
+        "max_position_embeddings": config.seq_length,
+        "vocab_size": config.vocab_size,
+        "bos_token_id": token_ids.bos,
+        "eos_token_id": token_ids.eos,
+        "pad_token_id": token_ids.pad,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": config.attention_dropout,
+        "initializer_range": config.init_std,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": _TORCH_DTYPE_NAMES[dtype],
+    }
+    if model_type == "aquila":
+        hf["auto_map"] = {"AutoConfig": "configuration_aquila.AquilaConfig",
+                          "AutoModelForCausalLM": "modeling_aquila.AquilaForCausalLM"}
+    return hf
+
+
+def generation_config_dict(token_ids: TokenIds) -> dict[str, Any]:
+    """generation_config.json: the special ids (greedy decoding is HF's default)."""
+    return {"bos_token_id": token_ids.bos, "eos_token_id": token_ids.eos, "pad_token_id": token_ids.pad}
+
+
+def _field(hf: Mapping[str, Any], key: str, source: str) -> Any:
+    if key not in hf:
+        raise ConversionError(f"{source}: missing key {key!r}; is this a LLaMA/Aquila config.json?")
+    return hf[key]
+
+
+def model_config_from_hf(hf: Mapping[str, Any], *, make_vocab_size_divisible_by: int = 128,
+                         source: str = "config.json") -> ModelConfig:
+    """ModelConfig of a LLaMA or Aquila config.json; architectures we cannot represent raise."""
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ConversionError(f"{source}: model_type {model_type!r} is not supported; expected one of {MODEL_TYPES}")
+    checks = [("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)]
+    for key, supported in checks:
+        if hf.get(key, supported) != supported:
+            raise ConversionError(f"{source}: {key} = {hf[key]!r} is not supported (Aquila uses {supported!r})")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        raise ConversionError(f"{source}: rope type {rope_type!r} is not supported; only plain rotary (default)")
+    heads = _field(hf, "num_attention_heads", source)
+    hidden = _field(hf, "hidden_size", source)
+    head_dim = hf.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
+        raise ConversionError(f"{source}: head_dim {head_dim} x num_attention_heads {heads} != hidden_size "
+                              f"{hidden}; our attention needs head_dim = hidden_size / heads")
+    return ModelConfig(
+        num_layers=_field(hf, "num_hidden_layers", source),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        ffn_hidden_size=_field(hf, "intermediate_size", source),
+        vocab_size=_field(hf, "vocab_size", source),
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        seq_length=hf.get("max_position_embeddings", 2048),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        attention_dropout=float(hf.get("attention_dropout", 0.0)),
+    )
