@@ -1,0 +1,154 @@
+"""AquilaModel: vocab-parallel embedding -> decoder blocks -> final RMSNorm -> vocab-parallel head.
+
+Stage-aware: a pipeline stage (or virtual chunk) builds only the global layer ids it runs, the
+embedding when ``pre_process`` and the final norm + output head when ``post_process``. Layers
+live in ``layers`` keyed by their GLOBAL id, so parameter names (``layers.7.mlp.down.weight``)
+are the same under every TP/PP layout; checkpoints and the HF conversion rely on them.
+
+Initialisation (``init_weights``): every parameter is drawn from its own CPU ``torch.Generator``
+seeded from (seed, global parameter name), over its full TP1 shape, and this rank keeps its TP
+slice. So any TP x PP layout starts from exactly the TP1PP1 model. Cost: each rank draws the
+full tensor of every parameter it holds (tp times the RNG work of its shard, serial on CPU) and
+briefly holds one full fp32 weight (the largest is the output layer: padded vocab x hidden, 2.5 GB
+for Aquila2-34B). Linear and embedding weights ~ N(0, init_std); the residual-branch output
+projections (``attention.dense``, ``mlp.down``) ~ N(0, init_std / sqrt(2 * num_layers)) as in
+Megatron-LM (``scaled_init_method_normal``, GPT-2's scheme); norm weights = ``norm_init``. Padded
+vocabulary rows are drawn like the others (they are never targets). Skipped on the meta device.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_aquila.config import ModelConfig
+from megatron_aquila.model.kernels import KernelChoice, build_attention, build_rms_norm, select_kernels
+from megatron_aquila.model.transformer import (
+    RECOMPUTE_MODES,
+    RMSNorm,
+    RotaryEmbedding,
+    TransformerBlock,
+    scaled_init_std,
+)
+from megatron_aquila.parallel.context import ParallelContext
+from megatron_aquila.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_aquila.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, full_shape
+from megatron_aquila.parallel.random import DATA_PARALLEL, MODEL_PARALLEL, RNGStatesTracker
+
+_SCALED_INIT_SUFFIXES = ("attention.dense.weight", "mlp.down.weight")
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """A 63-bit generator seed derived from the run seed and a global parameter name."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+class AquilaModel(nn.Module):
+    """One pipeline chunk of the Aquila decoder (the whole model with the defaults).
+
+    forward(input_ids [b, s] | None, position_ids [b, s] | None, labels [b, s] | None,
+            hidden_states [s, b, h] | None) returns
+      - post_process and labels given: per-token loss [b, s] fp32;
+      - post_process, no labels: this rank's vocabulary-shard logits [b, s, V/tp] (a transposed view);
+      - otherwise: hidden states [s, b, h] ([s/tp, b, h] under sequence parallelism).
+    The first stage (pre_process) embeds ``input_ids``; later stages take ``hidden_states``.
+    """
+
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, *, sequence_parallel: bool = False,
+                 recompute: str = "none", layer_ids: Sequence[int] | None = None, pre_process: bool = True,
+                 post_process: bool = True, params_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, seed: int = 1234, kernels: KernelChoice | None = None):
+        super().__init__()
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute {recompute!r} must be one of {RECOMPUTE_MODES}")
+        layer_ids = list(range(config.num_layers)) if layer_ids is None else list(layer_ids)
+        bad = [i for i in layer_ids if not 0 <= i < config.num_layers]
+        if bad or len(set(layer_ids)) != len(layer_ids):
+            raise ValueError(f"layer_ids {layer_ids} must be distinct ids in [0, num_layers={config.num_layers})")
+        self.config = config
+        self.ctx = ctx
+        self.tp_group = ctx.tp_group
+        self.tp_size = ctx.tp_size
+        self.sequence_parallel = sequence_parallel and ctx.tp_size > 1
+        if self.sequence_parallel and config.seq_length % ctx.tp_size != 0:
+            raise ValueError(f"seq_length {config.seq_length} is not divisible by tensor_parallel {ctx.tp_size} "
+                             "(sequence parallel)")
+        self.pre_process, self.post_process = pre_process, post_process
+        self.padded_vocab_size = config.padded_vocab_size(ctx.tp_size)
+        device = torch.device(device) if device is not None else ctx.device
+        self.kernels = kernels or select_kernels(device, params_dtype)
+        self.rng = RNGStatesTracker(seed, ctx.tp_rank, device)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_base, config.seq_length)
+        norm_fn = build_rms_norm(self.kernels.norm)
+        common = dict(sequence_parallel=self.sequence_parallel, params_dtype=params_dtype, device=device)
+
+        if pre_process:
+            self.embedding = VocabParallelEmbedding(self.padded_vocab_size, config.hidden_size, ctx.tp_group, **common)
+        self.layers = nn.ModuleDict({
+            str(i): TransformerBlock(
+                config, ctx.tp_group, self.rng, recompute=recompute, norm_fn=norm_fn,
+                attention_fn=build_attention(self.kernels.attention, config.num_attention_heads // ctx.tp_size,
+                                             config.kv_heads // ctx.tp_size, config.head_dim,
+                                             config.attention_dropout),
+                **common)
+            for i in layer_ids
+        })
+        if post_process:
+            self.final_norm = RMSNorm(config.hidden_size, config.norm_eps, norm_fn, **common)
+            self.output_layer = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size, ctx.tp_group,
+                                                     **common)
+        if device.type != "meta":
+            self.init_weights(seed)
+
+    def kernel_description(self) -> str:
+        """One line naming the chosen kernels, for the start-up log."""
+        return self.kernels.describe()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Fill every parameter as the matching slice of its seeded full-shape draw (module docstring)."""
+        scaled_std = scaled_init_std(self.config.init_std, self.config.num_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(self.config.norm_init)
+                continue
+            std = scaled_std if name.endswith(_SCALED_INIT_SUFFIXES) else self.config.init_std
+            generator = torch.Generator().manual_seed(parameter_seed(seed, name))
+            full = torch.empty(full_shape(param, self.tp_size), dtype=torch.float32).normal_(0.0, std,
+                                                                                              generator=generator)
+            if param.tensor_model_parallel:
+                local = param.shape[param.partition_dim]
+                full = full.narrow(param.partition_dim, self.ctx.tp_rank * local, local)
+            param.copy_(full)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.hidden_dropout == 0 or not self.training:
+            return x
+        with self.rng.fork(MODEL_PARALLEL if self.sequence_parallel else DATA_PARALLEL):
+            return F.dropout(x, self.config.hidden_dropout)
+
+    def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre_process:
+            if input_ids is None:
+                raise ValueError("the first pipeline stage (pre_process=True) needs input_ids [b, s]")
+            seq_len = input_ids.shape[1]
+            x = self._dropout(self.embedding(input_ids.t()))  # [s, b, h] ([s/tp, b, h] under SP)
+        else:
+            if hidden_states is None:
+                raise ValueError("a non-first pipeline stage (pre_process=False) needs hidden_states [s, b, h]")
+            x = hidden_states
+            seq_len = x.shape[0] * (self.tp_size if self.sequence_parallel else 1)
+        cos, sin = self.rotary(seq_len, position_ids, x.device)  # [s, 1|b, 1, d/2] fp32
+        for layer in self.layers.values():
+            x = layer(x, cos, sin)
+        if not self.post_process:
+            return x
+        logits = self.output_layer(self.final_norm(x))  # [s, b, V/tp]
+        if labels is None:
+            return logits.transpose(0, 1)  # [b, s, V/tp]
+        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group).t()  # [b, s] fp32

@@ -1,0 +1,146 @@
+"""Choice of attention and RMSNorm kernels. GPU libraries are imported lazily, only when chosen.
+
+Attention: flash-attn (CUDA, fp16/bf16, package importable) > transformer-engine (CUDA,
+importable) > torch ``scaled_dot_product_attention`` (everywhere; causal; GQA natively).
+RMSNorm: apex ``fused_rms_norm_affine`` (CUDA, importable) > transformer-engine ``RMSNorm``
+(CUDA, importable) > torch (``F.rms_norm`` on the fp32-upcast input).
+
+Attention kernels share one signature: q [s, b, n, d], k and v [s, b, g, d] (any strides with a
+unit last stride; n a multiple of g, query head i uses kv head i // (n/g)) -> [s, b, n*d].
+RMSNorm kernels: (x [..., h], weight [h], eps) -> [..., h] in x's dtype.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+NormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Names of the chosen kernels: attention in {flash-attn, transformer-engine, torch-sdpa},
+    norm in {apex, transformer-engine, torch}."""
+
+    attention: str
+    norm: str
+
+    def describe(self) -> str:
+        return f"attention kernel: {self.attention}; rmsnorm kernel: {self.norm}"
+
+
+def select_kernels(device: torch.device | str, dtype: torch.dtype) -> KernelChoice:
+    """The fastest available kernels for parameters of ``dtype`` on ``device``."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda and dtype in (torch.float16, torch.bfloat16) and _importable("flash_attn"):
+        attention = "flash-attn"
+    elif cuda and _importable("transformer_engine"):
+        attention = "transformer-engine"
+    else:
+        attention = "torch-sdpa"
+    if cuda and _importable("apex"):
+        norm = "apex"
+    elif cuda and _importable("transformer_engine"):
+        norm = "transformer-engine"
+    else:
+        norm = "torch"
+    return KernelChoice(attention=attention, norm=norm)
+
+
+def _torch_sdpa(dropout_p: float) -> AttentionFn:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s, b, n, d = q.shape
+        gqa = k.shape[2] != n
+        # [s, b, heads, d] -> [b, heads, s, d] as strided views; the output keeps q's memory order.
+        out = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+                                             dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+        return out.permute(2, 0, 1, 3).reshape(s, b, n * d)  # [s, b, n*d]
+    return attend
+
+
+def _flash_attn(dropout_p: float) -> AttentionFn:
+    from flash_attn import flash_attn_func  # GPU only, imported when chosen
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s, b, n, d = q.shape
+        out = flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                              dropout_p=dropout_p, causal=True)  # [b, s, n, d], GQA native
+        return out.transpose(0, 1).reshape(s, b, n * d)
+    return attend
+
+
+def _transformer_engine(num_heads: int, num_kv_heads: int, head_dim: int, dropout_p: float) -> AttentionFn:
+    import transformer_engine.pytorch as te  # GPU only, imported when chosen
+
+    # Kept out of the module tree on purpose: its extra state must not enter our state_dict.
+    core = te.DotProductAttention(num_heads, head_dim, num_gqa_groups=num_kv_heads, attention_dropout=dropout_p,
+                                  qkv_format="sbhd", attn_mask_type="causal")
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return core(q, k, v)  # [s, b, n*d]
+    return attend
+
+
+def build_attention(name: str, num_heads: int, num_kv_heads: int, head_dim: int, dropout_p: float) -> AttentionFn:
+    """The attention kernel ``name`` for this rank's ``num_heads`` query and ``num_kv_heads`` kv heads."""
+    if name == "torch-sdpa":
+        return _torch_sdpa(dropout_p)
+    if name == "flash-attn":
+        return _flash_attn(dropout_p)
+    if name == "transformer-engine":
+        return _transformer_engine(num_heads, num_kv_heads, head_dim, dropout_p)
+    raise ValueError(f"unknown attention kernel {name!r}; choose torch-sdpa, flash-attn or transformer-engine")
+
+
+def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    normed = F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)  # statistics in fp32
+    return normed * weight
+
+
+def _apex_rms_norm() -> NormFn:
+    from apex.normalization.fused_layer_norm import fused_rms_norm_affine  # GPU only
+
+    def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return fused_rms_norm_affine(x, weight, weight.shape, eps)
+    return norm
+
+
+def _te_rms_norm() -> NormFn:
+    import transformer_engine.pytorch as te  # GPU only
+
+    modules: dict[tuple, torch.nn.Module] = {}
+
+    def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        key = (weight.shape[0], eps, weight.dtype, weight.device)
+        if key not in modules:
+            modules[key] = te.RMSNorm(weight.shape[0], eps=eps, params_dtype=weight.dtype, device=weight.device)
+        module = modules[key]
+        module._parameters["weight"] = weight  # run TE's kernel on our own parameter
+        return module(x)
+    return norm
+
+
+def build_rms_norm(name: str) -> NormFn:
+    """The RMSNorm kernel ``name``."""
+    if name == "torch":
+        return _torch_rms_norm
+    if name == "apex":
+        return _apex_rms_norm()
+    if name == "transformer-engine":
+        return _te_rms_norm()
+    raise ValueError(f"unknown rmsnorm kernel {name!r}; choose torch, apex or transformer-engine")

@@ -1,0 +1,247 @@
+"""The Aquila (LLaMA-architecture) decoder block: RMSNorm, GQA attention with RoPE, SwiGLU MLP.
+
+Activations are [s, b, h] (sequence first, Megatron's layout; [s/tp, b, h] between blocks under
+sequence parallelism). Tensor parallelism splits heads (whole kv groups per rank) and the FFN width.
+
+Activation recompute (``recompute``): "selective" checkpoints only the attention core
+(softmax(QK^T)V), "full" the whole block; both use ``torch.utils.checkpoint`` (non-reentrant),
+which replays the default generator, and ``_checkpoint`` below also rewinds the model's
+``RNGStatesTracker`` so dropout masks drawn from its streams are identical in the recompute.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_aquila.config import ModelConfig
+from megatron_aquila.model.kernels import AttentionFn, NormFn
+from megatron_aquila.parallel.context import ProcessGroup, group_size
+from megatron_aquila.parallel.layers import ColumnParallelLinear, RowParallelLinear, set_tensor_parallel_attributes
+from megatron_aquila.parallel.random import DATA_PARALLEL, MODEL_PARALLEL, RNGStatesTracker
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def _checkpoint(fn: Callable, tracker: RNGStatesTracker, *args: torch.Tensor) -> torch.Tensor:
+    """``checkpoint(fn, *args)`` whose recompute sees the tracker streams of the first run."""
+    snapshot = tracker.get_states()
+    calls = [0]
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 1:
+            return fn(*inputs)
+        current = tracker.get_states()
+        tracker.set_states(snapshot)
+        try:
+            return fn(*inputs)
+        finally:
+            tracker.set_states(current)
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
+class RotaryEmbedding:
+    """cos/sin tables of rotary position embedding (Su et al.), fp32, cached per (length, device).
+
+    Frequencies theta_i = base^(-2i/d), i < d/2; position p rotates the pair (x_a, x_b) by angle
+    p * theta_i: rotate-half pairs a = i, b = i + d/2 (HF LLaMA/Aquila); interleaved pairs
+    a = 2i, b = 2i + 1 (Meta's original layout, the Aquila2-7B "interleaved patch").
+    """
+
+    def __init__(self, head_dim: int, base: float, max_positions: int):
+        self.head_dim = head_dim
+        self.base = base
+        self.max_positions = max_positions
+        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (length, device)
+        if key not in self._cache:
+            inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
+            angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # [length, d/2]
+            self._cache[key] = (angles.cos().float().to(device), angles.sin().float().to(device))
+        return self._cache[key]
+
+    def __call__(self, seq_len: int, position_ids: torch.Tensor | None,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [s, 1, 1, d/2] (or [s, b, 1, d/2] for position_ids [b, s]), fp32."""
+        if position_ids is None:
+            cos, sin = self._tables(seq_len, device)
+            return cos[:, None, None, :], sin[:, None, None, :]
+        cos, sin = self._tables(max(seq_len, self.max_positions), device)
+        ids = position_ids.t()  # [s, b]
+        return cos[ids].unsqueeze(2), sin[ids].unsqueeze(2)
+
+
+def _halves(x: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if interleaved:
+        return x[..., 0::2], x[..., 1::2]
+    half = x.shape[-1] // 2
+    return x[..., :half], x[..., half:]
+
+
+class _ApplyRotary(torch.autograd.Function):
+    """y_a = x_a cos - x_b sin, y_b = x_b cos + x_a sin (fp32); the backward rotates by -angle."""
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        x_a, x_b = _halves(x, interleaved)
+        out_a, out_b = _halves(out, interleaved)
+        torch.mul(x_a, cos, out=out_a)
+        out_a.addcmul_(x_b, sin, value=-1.0)
+        torch.mul(x_b, cos, out=out_b)
+        out_b.addcmul_(x_a, sin)
+        return out
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, interleaved):
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        return _ApplyRotary._rotate(x.float(), cos, sin, interleaved).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _ApplyRotary._rotate(grad.float(), cos, -sin, ctx.interleaved).to(grad.dtype), None, None, None
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate x [s, b, heads..., d] (any strides) by tables [s, 1|b, 1, d/2]; returns a contiguous tensor."""
+    while cos.dim() < x.dim():
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return _ApplyRotary.apply(x, cos, sin, interleaved)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, statistics in fp32. Replicated over TP; under
+    sequence parallelism the weight is marked ``sequence_parallel`` (its grad needs a TP all-reduce)."""
+
+    def __init__(self, hidden_size: int, eps: float, norm_fn: NormFn, *, sequence_parallel: bool = False,
+                 params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        self.eps = eps
+        self.norm_fn = norm_fn
+        self.weight = set_tensor_parallel_attributes(
+            nn.Parameter(torch.empty(hidden_size, dtype=params_dtype, device=device)), -1)
+        self.weight.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_fn(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with rotary embeddings, heads split over TP.
+
+    ``qkv.weight`` rows (full TP1 layout) are grouped by kv group j: the n/g query heads of group j,
+    then k_j, then v_j (each d rows), so a contiguous TP split hands each rank whole groups.
+    """
+
+    def __init__(self, config: ModelConfig, tp_group: ProcessGroup, attention_fn: AttentionFn,
+                 rng: RNGStatesTracker, *, sequence_parallel: bool, selective_recompute: bool,
+                 params_dtype: torch.dtype, device: torch.device | str | None):
+        super().__init__()
+        tp = group_size(tp_group)
+        n, g, d = config.num_attention_heads, config.kv_heads, config.head_dim
+        if n % g != 0 or g % tp != 0:
+            raise ValueError(f"attention heads {n} must be a multiple of kv heads {g}, and kv heads a multiple of "
+                             f"tensor_parallel {tp} (GQA keeps whole query groups on one rank)")
+        self.local_heads, self.local_kv_heads, self.head_dim = n // tp, g // tp, d
+        self.heads_per_group = n // g
+        self.interleaved = config.rope_interleaved
+        self.dropout = config.attention_dropout
+        self.selective_recompute = selective_recompute
+        self.rng = rng
+        self.core = attention_fn
+        self.qkv = ColumnParallelLinear(config.hidden_size, (n + 2 * g) * d, tp_group,
+                                        sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
+        self.dense = RowParallelLinear(n * d, config.hidden_size, tp_group,
+                                       sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        fork = self.rng.fork(MODEL_PARALLEL) if self.dropout > 0 and self.training else contextlib.nullcontext()
+        with fork:
+            return self.core(q, k, v)  # [s, b, n/tp * d]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)  # [s, b, (n + 2g)/tp * d]
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.local_kv_heads, self.heads_per_group + 2, self.head_dim)
+        q = apply_rotary(qkv[:, :, :, :self.heads_per_group], cos, sin, self.interleaved)
+        q = q.view(s, b, self.local_heads, self.head_dim)  # [s, b, n/tp, d]
+        k = apply_rotary(qkv[:, :, :, self.heads_per_group], cos, sin, self.interleaved)  # [s, b, g/tp, d]
+        v = qkv[:, :, :, self.heads_per_group + 1]  # [s, b, g/tp, d] (strided view)
+        if self.selective_recompute and torch.is_grad_enabled():
+            context = _checkpoint(self._core, self.rng, q, k, v)
+        else:
+            context = self._core(q, k, v)
+        return self.dense(context)  # [s, b, h] ([s/tp, b, h] under SP)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(x W_gate^T) * (x W_up^T)); gate and up fused in one [2, f/tp, h] weight."""
+
+    def __init__(self, config: ModelConfig, tp_group: ProcessGroup, *, sequence_parallel: bool,
+                 params_dtype: torch.dtype, device: torch.device | str | None):
+        super().__init__()
+        self.gate_up = ColumnParallelLinear(config.hidden_size, config.ffn_size, tp_group, stack=2,
+                                            sequence_parallel=sequence_parallel, params_dtype=params_dtype,
+                                            device=device)
+        self.down = RowParallelLinear(config.ffn_size, config.hidden_size, tp_group,
+                                      sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # 2 x [s, b, f/tp]
+        return self.down(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    """x + attention(norm(x)), then + mlp(norm(.)); pre-norm residual block."""
+
+    def __init__(self, config: ModelConfig, tp_group: ProcessGroup, rng: RNGStatesTracker, *,
+                 attention_fn: AttentionFn, norm_fn: NormFn, sequence_parallel: bool = False,
+                 recompute: str = "none", params_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute {recompute!r} must be one of {RECOMPUTE_MODES}")
+        sequence_parallel = sequence_parallel and group_size(tp_group) > 1
+        self.sequence_parallel = sequence_parallel
+        self.full_recompute = recompute == "full"
+        self.hidden_dropout = config.hidden_dropout
+        self.rng = rng
+        norm = dict(sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
+        linear = dict(sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
+        self.input_norm = RMSNorm(config.hidden_size, config.norm_eps, norm_fn, **norm)
+        self.attention = Attention(config, tp_group, attention_fn, rng, selective_recompute=recompute == "selective",
+                                   **linear)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.norm_eps, norm_fn, **norm)
+        self.mlp = MLP(config, tp_group, **linear)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hidden_dropout == 0 or not self.training:
+            return x
+        # Sequence shards differ across TP ranks; replicated activations must get the same mask.
+        with self.rng.fork(MODEL_PARALLEL if self.sequence_parallel else DATA_PARALLEL):
+            return F.dropout(x, self.hidden_dropout)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self._dropout(self.attention(self.input_norm(x), cos, sin))  # [s, b, h]
+        return x + self._dropout(self.mlp(self.post_attention_norm(x)))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.full_recompute and torch.is_grad_enabled():
+            return _checkpoint(self._forward, self.rng, x, cos, sin)
+        return self._forward(x, cos, sin)
+
+
+def scaled_init_std(init_std: float, num_layers: int) -> float:
+    """Megatron's init for the residual-branch output projections: std / sqrt(2 * num_layers)."""
+    return init_std / math.sqrt(2.0 * num_layers)

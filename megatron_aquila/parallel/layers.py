@@ -1,0 +1,150 @@
+"""Tensor-parallel linear and embedding layers (no biases; Aquila has none).
+
+Every parameter carries two attributes that checkpointing, initialisation and grad clipping read:
+
+- ``tensor_model_parallel``: True when the parameter is a shard of a larger logical tensor;
+- ``partition_dim``: the dimension split contiguously over the TP group (-1 when replicated).
+
+``full_shape(param, tp_size)`` gives the logical (TP1) shape. Weights are allocated
+uninitialised: ``AquilaModel`` fills every parameter from its global name so that any TP/PP
+layout starts from the same model (see ``model/aquila.py``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_aquila.parallel.context import ProcessGroup, group_rank, group_size
+from megatron_aquila.parallel.mappings import (
+    copy_to_tp,
+    gather_from_sequence_parallel,
+    reduce_from_tp,
+    reduce_scatter_to_sequence_parallel,
+)
+
+
+def set_tensor_parallel_attributes(param: nn.Parameter, partition_dim: int) -> nn.Parameter:
+    """Mark ``param`` as split over TP along ``partition_dim`` (-1: replicated over TP)."""
+    param.tensor_model_parallel = partition_dim >= 0
+    param.partition_dim = partition_dim
+    return param
+
+
+def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
+    """The logical TP1 shape of a (possibly) sharded parameter."""
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp_size
+    return tuple(shape)
+
+
+def _divide(total: int, tp_size: int, what: str) -> int:
+    if total % tp_size != 0:
+        raise ValueError(f"{what} {total} is not divisible by tensor_parallel {tp_size}; "
+                         f"choose a tensor_parallel that divides {total}")
+    return total // tp_size
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A^T with A [out, in] split along its output dim: A = [A_1; ...; A_p].
+
+    Rank r holds A_r [out/p, in] and computes Y_r = X A_r^T, the r-th column block of Y; the
+    output stays split (the following RowParallelLinear consumes it). Input X enters through
+    ``copy_to_tp`` (backward all-reduce), or under sequence parallelism as sequence shards
+    through ``gather_from_sequence_parallel`` (forward all-gather, backward reduce-scatter).
+
+    ``stack > 1`` holds several same-shape matrices fused in one matmul (SwiGLU gate and up):
+    the weight is then 3-D [stack, out/p, in] with partition_dim 1, i.e. each rank holds its
+    contiguous slice of every stacked matrix, and the output is [..., stack * out/p] ordered
+    matrix by matrix.
+
+    Shapes: input [s, b, in] ([s/p, b, in] under SP) -> output [s, b, stack * out/p].
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp_group: ProcessGroup, *, stack: int = 1,
+                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
+        local_out = _divide(out_features, group_size(tp_group), "ColumnParallelLinear output size")
+        if stack == 1:
+            shape, partition_dim = (local_out, in_features), 0
+        else:
+            shape, partition_dim = (stack, local_out, in_features), 1
+        self.weight = set_tensor_parallel_attributes(
+            nn.Parameter(torch.empty(shape, dtype=params_dtype, device=device)), partition_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel(x, self.tp_group)  # [s, b, in]
+        else:
+            x = copy_to_tp(x, self.tp_group)
+        weight = self.weight.flatten(0, -2) if self.weight.dim() == 3 else self.weight
+        return F.linear(x, weight)  # [s, b, stack * out/p]
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A^T with A [out, in] split along its input dim: A = [A_1, ..., A_p], X = [X_1, ..., X_p].
+
+    Rank r holds A_r [out, in/p] and the matching column block X_r of the input (the output
+    of a ColumnParallelLinear), computes the partial product X_r A_r^T, and
+    Y = sum_r X_r A_r^T is formed by ``reduce_from_tp`` (all-reduce), or under sequence
+    parallelism by ``reduce_scatter_to_sequence_parallel`` which leaves each rank its sequence
+    shard of Y.
+
+    Shapes: input [s, b, in/p] -> output [s, b, out] ([s/p, b, out] under SP).
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp_group: ProcessGroup, *,
+                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
+        local_in = _divide(in_features, group_size(tp_group), "RowParallelLinear input size")
+        self.weight = set_tensor_parallel_attributes(
+            nn.Parameter(torch.empty(out_features, local_in, dtype=params_dtype, device=device)), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = F.linear(x, self.weight)  # [s, b, out], this rank's addend
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel(partial, self.tp_group)  # [s/p, b, out]
+        return reduce_from_tp(partial, self.tp_group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table E [V, h] split along the vocabulary: rank r holds rows [r*V/p, (r+1)*V/p).
+
+    Each rank looks up the ids that fall in its range and writes zeros for the others, so
+    Y = sum_r Y_r is the full lookup (all-reduce), or under sequence parallelism each rank keeps
+    its sequence shard of the sum (reduce-scatter along dim 0 of the output).
+
+    Shapes: ids [s, b] int64 -> [s, b, h] ([s/p, b, h] under SP). ``num_embeddings`` is the
+    padded vocabulary (a multiple of p).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp_group: ProcessGroup, *,
+                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.tp_group = tp_group
+        self.tp_size = group_size(tp_group)
+        self.sequence_parallel = sequence_parallel and self.tp_size > 1
+        self.num_embeddings = num_embeddings
+        local = _divide(num_embeddings, self.tp_size, "VocabParallelEmbedding padded vocab")
+        self.vocab_start = group_rank(tp_group) * local
+        self.vocab_end = self.vocab_start + local
+        self.weight = set_tensor_parallel_attributes(
+            nn.Parameter(torch.empty(local, embedding_dim, dtype=params_dtype, device=device)), 0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(ids, self.weight)  # [s, b, h]
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local_ids = (ids - self.vocab_start).masked_fill_(outside, 0)
+        partial = F.embedding(local_ids, self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)  # [s, b, h]
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel(partial, self.tp_group)  # [s/p, b, h]
+        return reduce_from_tp(partial, self.tp_group)

@@ -1,0 +1,63 @@
+"""Kernel selection (GPU libraries simulated as importable, never imported) and the torch kernels."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_aquila.model import kernels
+
+
+def _pretend_importable(monkeypatch, *modules: str) -> None:
+    monkeypatch.setattr(kernels, "_importable", lambda name: name in modules)
+
+
+@pytest.mark.parametrize("device, dtype, importable, attention, norm", [
+    ("cpu", torch.bfloat16, ("flash_attn", "transformer_engine", "apex"), "torch-sdpa", "torch"),
+    ("cuda", torch.bfloat16, ("flash_attn", "transformer_engine", "apex"), "flash-attn", "apex"),
+    ("cuda", torch.float16, ("flash_attn",), "flash-attn", "torch"),
+    ("cuda", torch.float32, ("flash_attn",), "torch-sdpa", "torch"),  # flash-attn has no fp32
+    ("cuda", torch.float32, ("flash_attn", "transformer_engine"), "transformer-engine", "transformer-engine"),
+    ("cuda", torch.bfloat16, ("transformer_engine",), "transformer-engine", "transformer-engine"),
+    ("cuda", torch.bfloat16, ("apex",), "torch-sdpa", "apex"),
+    ("cuda", torch.bfloat16, (), "torch-sdpa", "torch"),
+])
+def test_selection(monkeypatch, device, dtype, importable, attention, norm):
+    _pretend_importable(monkeypatch, *importable)
+    choice = kernels.select_kernels(device, dtype)
+    assert (choice.attention, choice.norm) == (attention, norm)
+    assert attention in choice.describe() and norm in choice.describe()
+
+
+def test_unknown_kernel_names_raise():
+    with pytest.raises(ValueError, match="torch-sdpa"):
+        kernels.build_attention("xformers", 4, 2, 8, 0.0)
+    with pytest.raises(ValueError, match="apex"):
+        kernels.build_rms_norm("fused")
+
+
+def test_torch_sdpa_gqa_matches_naive_causal_attention():
+    torch.manual_seed(0)
+    s, b, n, g, d = 7, 2, 6, 2, 8
+    q, k, v = torch.randn(s, b, n, d), torch.randn(s, b, g, d), torch.randn(s, b, g, d)
+    out = kernels.build_attention("torch-sdpa", n, g, d, 0.0)(q, k, v)
+    assert out.shape == (s, b, n * d)
+    for head in range(n):
+        kv = head // (n // g)  # query head i reads kv head i // (n/g)
+        scores = torch.einsum("sbd,tbd->bst", q[:, :, head], k[:, :, kv]) / math.sqrt(d)
+        scores = scores + torch.full((s, s), float("-inf")).triu(1)
+        ref = torch.einsum("bst,tbd->sbd", scores.softmax(-1), v[:, :, kv])
+        torch.testing.assert_close(out[:, :, head * d:(head + 1) * d], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_rms_norm(dtype):
+    torch.manual_seed(0)
+    x, weight = torch.randn(5, 3, 16).to(dtype), torch.rand(16).to(dtype)
+    out = kernels.build_rms_norm("torch")(x, weight, 1e-5)
+    x32 = x.float()
+    ref = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.float()
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
