@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_aquila.batch_schedule import BatchSchedule
+from megatron_aquila.checkpoint.manager import load_checkpoint
 from megatron_aquila.config import Config
 from megatron_aquila.data.loader import build_streams
 from megatron_aquila.metrics import MetricsWriter, device_peak_tflops
@@ -78,7 +79,8 @@ def build_trainer_parts(config: Config, ctx: ParallelContext) -> tuple[TrainerPa
         flops_per_sample=flops_per_iteration(config.model, 1, padded_vocab),
         peak_tflops=shared_peak_tflops(config, ctx),
     )
-    return parts, TrainingState()
+    state = load_checkpoint(config, ctx, parts) if config.checkpoint.load is not None else None
+    return parts, state or TrainingState()
 
 
 def build_metrics(config: Config, ctx: ParallelContext) -> Optional[MetricsWriter]:

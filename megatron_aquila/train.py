@@ -6,6 +6,7 @@ Parses and validates the recipe before any process-group work, initialises torch
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_aquila.build import build_metrics, build_trainer_parts
 from megatron_aquila.config import Config, ConfigError, load_config
+from megatron_aquila.cpu_runtime import keep_freed_memory, share_cpu_threads
 from megatron_aquila.parallel.context import ParallelContext, default_device
 from megatron_aquila.trainer import Trainer, TrainingState
 
@@ -51,12 +53,6 @@ def init_distributed(config: Config) -> ParallelContext:
     return ParallelContext.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel, device)
 
 
-def share_cpu_threads() -> None:
-    """Give each of this node's processes an equal share of the cores (no oversubscription)."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-
-
 def save_resolved_config(config: Config, ctx: ParallelContext) -> None:
     output_dir = config.logging.output_dir or config.checkpoint.save
     if ctx.rank != 0 or output_dir is None:
@@ -80,16 +76,30 @@ def main(argv: Optional[list[str]] = None) -> TrainingState:
         raise SystemExit(f"configuration error: {error}") from None
     if default_device().type == "cpu":
         share_cpu_threads()
+        keep_freed_memory()
     ctx = init_distributed(config)
     logger.info(f"resolved configuration:\n{config.to_yaml()}")
     save_resolved_config(config, ctx)
     try:
-        parts, state = build_trainer_parts(config, ctx)
-        metrics = build_metrics(config, ctx)
-        return Trainer(config, ctx, parts, metrics, state).train()
+        return run(config, ctx)
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            shut_down(ctx)
+
+
+def run(config: Config, ctx: ParallelContext) -> TrainingState:
+    """Build and train; everything built here is released when it returns."""
+    parts, state = build_trainer_parts(config, ctx)
+    metrics = build_metrics(config, ctx)
+    return Trainer(config, ctx, parts, metrics, state).train()
+
+
+def shut_down(ctx: ParallelContext) -> None:
+    """Leave the job in step: wait for every rank, release what holds process groups, destroy them."""
+    dist.barrier()
+    ctx.release_groups()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

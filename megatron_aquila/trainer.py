@@ -5,6 +5,10 @@ iteration's micro-batches (their number follows the batch-size ramp-up); finish 
 grad reduction; step the optimizer (which unscales, checks inf/nan on every rank, clips by the
 global norm and may skip); advance the learning rate by the samples consumed; reduce the loss
 over pipeline stages and data-parallel ranks for the log line.
+
+Checkpoints (``megatron_aquila.checkpoint``): saved every ``checkpoint.save_interval`` iterations
+and whenever the loop stops (end of training, exit_interval, exit_duration_minutes, or a
+SIGTERM/SIGUSR1 that any rank received: the flag is agreed over the world after each iteration).
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_aquila.batch_schedule import BatchSchedule
+from megatron_aquila.checkpoint.manager import save_checkpoint
+from megatron_aquila.checkpoint.signals import StopSignalHandler
 from megatron_aquila.config import Config
 from megatron_aquila.metrics import IterationStats, MetricsWriter
 from megatron_aquila.parallel.context import ParallelContext, group_size
@@ -67,6 +73,14 @@ class Trainer:
         self.use_samples = config.training.train_samples is not None
         self.train_iters = (parts.batch_schedule.iterations_for(config.training.train_samples)
                             if self.use_samples else config.training.train_iters)
+        self.last_saved_iteration = self.state.iteration  # a fresh run or the checkpoint just loaded
+
+    def save_checkpoint(self) -> None:
+        """Save at the current iteration when ``checkpoint.save`` is set (once per iteration)."""
+        if self.config.checkpoint.save is None or self.state.iteration == self.last_saved_iteration:
+            return
+        save_checkpoint(self.config, self.ctx, self.parts, self.state)
+        self.last_saved_iteration = self.state.iteration
 
     # ----------------------------------------------------------------- one iteration
     def _spec(self, num_microbatches: int, forward_only: bool) -> ScheduleSpec:
@@ -114,6 +128,7 @@ class Trainer:
         for _ in range(self.config.training.eval_iters):
             losses = self.schedule(self._spec(num_microbatches, forward_only=True), stream)
             total += self._reduce_loss(losses)
+        stream.close()
         return total / self.config.training.eval_iters
 
     # ----------------------------------------------------------------- the loop
@@ -139,40 +154,54 @@ class Trainer:
         stream = parts.train_stream(state.consumed_train_samples)
         interval_losses, interval_seconds, interval_iters = [], 0.0, 0
         first_iteration = state.iteration
-        while True:
-            reason = self.should_stop(started, state.iteration - first_iteration)
-            if reason:
-                logger.info(f"stopping: {reason}")
-                break
-            global_batch = parts.batch_schedule.global_batch_at(state.consumed_train_samples)
-            num_microbatches = parts.batch_schedule.num_microbatches_at(state.consumed_train_samples)
-            tick = time.perf_counter()
-            loss, result = self.train_step(stream, num_microbatches)
-            if self.ctx.device.type == "cuda":
-                torch.cuda.synchronize(self.ctx.device)
-            seconds = time.perf_counter() - tick
-            state.iteration += 1
-            state.consumed_train_samples += global_batch
-            if result.successful:
-                parts.lr_scheduler.step(global_batch if self.use_samples else 1)
-            else:
-                state.skipped_iterations += 1
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss} at iteration {state.iteration} (consumed samples "
-                    f"{state.consumed_train_samples}); lower optimizer.lr, check the data, or use bf16")
-            state.history.append(loss)
-            interval_losses.append(loss)
-            interval_seconds += seconds
-            interval_iters += 1
-            if state.iteration % cfg.logging.log_interval == 0 or state.iteration == self.train_iters:
-                self._log(interval_losses, interval_seconds / interval_iters, global_batch, result)
-                interval_losses, interval_seconds, interval_iters = [], 0.0, 0
-            if cfg.training.eval_interval and state.iteration % cfg.training.eval_interval == 0:
-                self._log_validation()
+        with StopSignalHandler(self.ctx) as signals:
+            while True:
+                reason = self.should_stop(started, state.iteration - first_iteration)
+                if reason:
+                    logger.info(f"stopping: {reason}")
+                    break
+                loss, seconds, global_batch, result = self._train_iteration(stream)
+                interval_losses.append(loss)
+                interval_seconds += seconds
+                interval_iters += 1
+                if state.iteration % cfg.logging.log_interval == 0 or state.iteration == self.train_iters:
+                    self._log(interval_losses, interval_seconds / interval_iters, global_batch, result)
+                    interval_losses, interval_seconds, interval_iters = [], 0.0, 0
+                if cfg.training.eval_interval and state.iteration % cfg.training.eval_interval == 0:
+                    self._log_validation()
+                if cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
+                    self.save_checkpoint()
+                if signals.should_stop():
+                    logger.info(f"stopping: stop signal received, at iteration {state.iteration}")
+                    break
+        stream.close()  # shut the data loader down now, not at interpreter exit
+        self.save_checkpoint()
         if self.metrics is not None:
             self.metrics.close()
         return state
+
+    def _train_iteration(self, stream: Iterator[Microbatch]) -> tuple[float, float, int, object]:
+        """One optimizer step and its counters; returns (loss, seconds, global batch, StepResult)."""
+        parts, state = self.parts, self.state
+        global_batch = parts.batch_schedule.global_batch_at(state.consumed_train_samples)
+        num_microbatches = parts.batch_schedule.num_microbatches_at(state.consumed_train_samples)
+        tick = time.perf_counter()
+        loss, result = self.train_step(stream, num_microbatches)
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        seconds = time.perf_counter() - tick
+        state.iteration += 1
+        state.consumed_train_samples += global_batch
+        if result.successful:
+            parts.lr_scheduler.step(global_batch if self.use_samples else 1)
+        else:
+            state.skipped_iterations += 1
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss} at iteration {state.iteration} (consumed samples "
+                f"{state.consumed_train_samples}); lower optimizer.lr, check the data, or use bf16")
+        state.history.append(loss)
+        return loss, seconds, global_batch, result
 
     def _log(self, losses: list[float], seconds: float, global_batch: int, result) -> None:
         if self.ctx.rank != 0:

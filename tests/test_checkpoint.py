@@ -1,0 +1,228 @@
+"""Distributed checkpoints: exact resume, resharding across layouts, atomic saves, signals, faults.
+
+Runs go through ``megatron_aquila.train.main`` in torchrun subprocesses (gloo, fp32, mock data, a
+2-layer model). A small runner script calls ``main`` and writes rank 0's per-iteration losses as
+JSON, so the losses compared are the exact floats. The reference is one uninterrupted TP2 x DP2
+run with the distributed optimizer; every resumed run must reproduce its losses (bit for bit in
+the same layout, to 1e-5 relative under another layout).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_aquila.checkpoint.manager import CheckpointError, load_checkpoint_into, resolve_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_ITERS = 24
+SAVE_INTERVAL = 4
+RECIPE = f"""
+model: {{num_layers: 2, hidden_size: 64, num_attention_heads: 4, num_kv_heads: 2, ffn_hidden_size: 128,
+         seq_length: 32, vocab_size: 256, make_vocab_size_divisible_by: 64}}
+parallel: {{tensor_parallel: 2, pipeline_parallel: 1, distributed_optimizer: true, grad_bucket_size_mb: 0.01}}
+training: {{micro_batch_size: 2, global_batch_size: 8, train_iters: {TRAIN_ITERS}, seed: 7}}
+optimizer: {{lr: 3.0e-3, min_lr: 3.0e-4, lr_warmup_iters: 2}}
+data: {{mock: true, num_workers: 0}}
+logging: {{log_interval: 1}}
+"""
+RUNNER = """
+import json, sys
+from megatron_aquila.train import main
+losses_path, argv = sys.argv[1], sys.argv[2:]
+state = main(argv)
+import os
+if os.environ.get("RANK", "0") == "0":
+    first = state.iteration - len(state.history)
+    with open(losses_path, "w") as handle:
+        json.dump({str(first + 1 + i): loss for i, loss in enumerate(state.history)}, handle)
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("checkpoint")
+    (root / "recipe.yaml").write_text(RECIPE)
+    (root / "runner.py").write_text(RUNNER)
+    return root
+
+
+def launch(workdir: Path, name: str, nproc: int, overrides: list[str]) -> tuple[subprocess.Popen, Path, Path]:
+    """Start a run (torchrun when nproc > 1); returns the process, its losses file and its log file."""
+    losses, log = workdir / f"{name}.losses.json", workdir / f"{name}.log"
+    script = [str(workdir / "runner.py"), str(losses), str(workdir / "recipe.yaml"), *overrides]
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   *script]
+    else:
+        command = [sys.executable, *script]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return process, losses, log
+
+
+def run(workdir: Path, name: str, nproc: int, overrides: list[str]) -> dict[int, float]:
+    process, losses, log = launch(workdir, name, nproc, overrides)
+    code = process.wait(timeout=600)
+    assert code == 0, f"run {name} exited with {code}:\n{log.read_text()[-4000:]}"
+    return {int(k): v for k, v in json.loads(losses.read_text()).items()}
+
+
+def worker_pids(launcher_pid: int) -> list[int]:
+    """PIDs of the runner processes torchrun started (its children running runner.py)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == launcher_pid and b"runner.py" in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def wait_for(condition, process: subprocess.Popen, log: Path, what: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"run ended before {what}:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"gave up waiting for {what}:\n{log.read_text()[-4000:]}"
+        time.sleep(0.02)
+
+
+def latest_iteration(save: Path) -> int:
+    return int((save / "latest").read_text().strip().split("_")[1])
+
+
+@pytest.fixture(scope="module")
+def reference(workdir: Path) -> dict[int, float]:
+    """The uninterrupted TP2 x DP2 (ZeRO-1) run, checkpointing every SAVE_INTERVAL iterations."""
+    losses = run(workdir, "reference", 4, [f"checkpoint.save={workdir / 'reference'}",
+                                          f"checkpoint.save_interval={SAVE_INTERVAL}"])
+    assert sorted(losses) == list(range(1, TRAIN_ITERS + 1))
+    assert latest_iteration(workdir / "reference") == TRAIN_ITERS
+    return losses
+
+
+def copy_checkpoint(workdir: Path, iteration: int, name: str) -> Path:
+    """A save directory holding only the reference's checkpoint at ``iteration`` (and ``latest``)."""
+    target = workdir / name
+    source = workdir / "reference" / f"iter_{iteration:07d}"
+    shutil.copytree(source, target / source.name)
+    (target / "latest").write_text(source.name + "\n")
+    return target
+
+
+def test_exact_resume_with_exit_interval(workdir, reference):
+    save = copy_checkpoint(workdir, 12, "resume")
+    common = [f"checkpoint.save={save}", f"checkpoint.load={save}"]
+    first = run(workdir, "resume_a", 4, [*common, "training.exit_interval=16"])
+    assert sorted(first) == [13, 14, 15, 16]
+    assert latest_iteration(save) == 16          # exit_interval saved before stopping
+    second = run(workdir, "resume_b", 4, common)
+    assert sorted(second) == list(range(17, TRAIN_ITERS + 1))
+    resumed = {**first, **second}
+    assert resumed == {i: reference[i] for i in range(13, TRAIN_ITERS + 1)}   # bit-identical losses
+
+
+@pytest.mark.parametrize("name, nproc, layout", [
+    ("tp1_single_process", 1, ["parallel.tensor_parallel=1", "parallel.distributed_optimizer=false"]),
+    ("tp1_pp2_dp2", 4, ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=2"]),
+])
+def test_reshard_continues_the_run(workdir, reference, name, nproc, layout):
+    load = workdir / "reference" / "iter_0000012"
+    losses = run(workdir, name, nproc, [*layout, f"checkpoint.load={load}", "training.exit_interval=14"])
+    assert sorted(losses) == [13, 14]
+    for iteration in (13, 14):
+        assert losses[iteration] == pytest.approx(reference[iteration], rel=1e-5, abs=0), (name, iteration)
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(workdir, reference, monkeypatch):
+    from megatron_aquila.checkpoint import manager
+    from megatron_aquila.train import main
+
+    save = copy_checkpoint(workdir, 20, "crash")
+    real_save = manager.dcp.save
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)            # the shards and .metadata are written into the .tmp directory
+        raise RuntimeError("simulated crash during save")
+
+    monkeypatch.setattr(manager.dcp, "save", save_then_crash)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main([str(workdir / "recipe.yaml"), "parallel.tensor_parallel=1", "parallel.distributed_optimizer=false",
+              f"checkpoint.save={save}", f"checkpoint.load={save}", "training.exit_interval=21"])
+    assert (save / "iter_0000021.tmp" / ".metadata").is_file()
+    assert not (save / "iter_0000021").exists()
+    assert (save / "latest").read_text().strip() == "iter_0000020"
+    assert resolve_checkpoint(save) == save / "iter_0000020"
+
+    # The previous checkpoint still loads (one TP1 process, the HF-export path) and holds the full model.
+    from megatron_aquila.config import load_config
+    from megatron_aquila.model.aquila import AquilaModel
+    from megatron_aquila.parallel.context import ParallelContext
+
+    config = load_config(workdir / "recipe.yaml", ["parallel.tensor_parallel=1"])
+    model = AquilaModel(config.model, ParallelContext.single_process(), seed=123)
+    before = model.output_layer.weight.detach().clone()
+    meta = load_checkpoint_into([model], save, ParallelContext.single_process())
+    assert meta["iteration"] == 20
+    assert not torch.equal(before, model.output_layer.weight)
+
+    with pytest.raises(CheckpointError, match=r"iter_0000021\.tmp.*unfinished"):
+        resolve_checkpoint(save / "iter_0000021.tmp")
+    (save / "iter_0000020" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"iter_0000020 is incomplete or corrupt: missing \.metadata"):
+        resolve_checkpoint(save)
+
+
+def test_load_from_empty_directory_starts_from_scratch(tmp_path):
+    assert resolve_checkpoint(tmp_path / "not-yet") is None
+    (tmp_path / "latest").write_text("iter_0000005\n")
+    with pytest.raises(CheckpointError, match="iter_0000005.*does not exist"):
+        resolve_checkpoint(tmp_path)
+
+
+def test_sigterm_saves_on_every_rank_and_exits_cleanly(workdir, reference):
+    save = workdir / "sigterm"
+    process, losses_path, log = launch(workdir, "sigterm_a", 4, [f"checkpoint.save={save}"])
+    wait_for(lambda: "iter       3 |" in log.read_text(), process, log, "iteration 3")
+    workers = worker_pids(process.pid)
+    assert len(workers) == 4, workers
+    os.kill(workers[-1], signal.SIGTERM)      # one rank only: the flag is agreed over the world
+    assert process.wait(timeout=300) == 0, log.read_text()[-4000:]
+    stopped = latest_iteration(save)
+    assert 3 <= stopped < TRAIN_ITERS, stopped
+    first = {int(k): v for k, v in json.loads(losses_path.read_text()).items()}
+    assert max(first) == stopped
+    second = run(workdir, "sigterm_b", 4, [f"checkpoint.save={save}", f"checkpoint.load={save}"])
+    assert sorted(second) == list(range(stopped + 1, TRAIN_ITERS + 1))
+    assert {**first, **second} == reference
+
+
+def test_killed_rank_then_relaunch_matches_uninterrupted_run(workdir, reference):
+    save = workdir / "fault"
+    overrides = [f"checkpoint.save={save}", f"checkpoint.load={save}", f"checkpoint.save_interval={SAVE_INTERVAL}"]
+    process, _, log = launch(workdir, "fault_a", 4, overrides)
+    wait_for(lambda: (save / "latest").is_file(), process, log, "the first checkpoint")
+    workers = worker_pids(process.pid)
+    assert len(workers) == 4, workers
+    os.kill(workers[1], signal.SIGKILL)
+    assert process.wait(timeout=300) != 0, "the job should fail when a rank dies"
+    resumed_from = latest_iteration(save)
+    assert resumed_from < TRAIN_ITERS
+    losses = run(workdir, "fault_b", 4, overrides)
+    assert sorted(losses) == list(range(resumed_from + 1, TRAIN_ITERS + 1))
+    assert losses == {i: reference[i] for i in losses}
