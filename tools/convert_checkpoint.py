@@ -1,9 +1,13 @@
 """Convert between megatron_aquila full-state weights and a Hugging Face model directory.
 
-    # ours -> HF (LlamaForCausalLM, loads with AutoModelForCausalLM and no remote code)
+    # a training checkpoint (any TP/PP/DP layout) -> HF (LlamaForCausalLM, no remote code needed)
+    python tools/convert_checkpoint.py to-hf --checkpoint runs/tiny/checkpoints --output hf/tiny \\
+        --tokenizer-dir data/tiny/tokenizer [--model-type llama|aquila] [--dtype bf16|fp16|fp32] \\
+        [--max-shard-size 5GB]
+
+    # a full-state weights file (save_full_state) -> HF; the recipe gives the model shape
     python tools/convert_checkpoint.py to-hf --config examples/tiny/tiny.yaml \\
-        --weights run/full_state.safetensors --output hf/tiny --tokenizer-dir ../shared/aquila_tokenizer \\
-        [--model-type llama|aquila] [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]
+        --weights run/full_state.safetensors --output hf/tiny
 
     # HF -> ours, vocabulary padded for the target tensor-parallel size
     python tools/convert_checkpoint.py from-hf --hf-dir hf/tiny --output converted/ --tensor-parallel 2
@@ -12,8 +16,8 @@ to-hf writes config.json, generation_config.json, model-0000k-of-0000N.safetenso
 model.safetensors.index.json, and copies the tokenizer files when --tokenizer-dir is given.
 from-hf reads safetensors (or pytorch_model*.bin) weights and writes full_state.safetensors plus
 model.yaml (the recipe's ``model:`` section). Both write to a temporary directory and rename it
-when complete; an existing output is never overwritten. The weights input is a file written by
-``megatron_aquila.checkpoint.full_state.save_full_state``.
+when complete; an existing output is never overwritten. A ``--checkpoint`` is a save directory
+(its ``latest``) or one ``iter_*`` directory; its own resolved config gives the model shape.
 """
 from __future__ import annotations
 
@@ -44,7 +48,8 @@ from megatron_aquila.checkpoint.hf_mapping import (  # noqa: E402
     model_config_from_hf,
     token_ids_from_tokenizer,
 )
-from megatron_aquila.config import ConfigError, ModelConfig, load_config  # noqa: E402
+from megatron_aquila.checkpoint.manager import CheckpointError, read_full_state  # noqa: E402
+from megatron_aquila.config import ConfigError, ModelConfig, config_from_dict, load_config  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "special_tokens.txt",
                    "added_tokens.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -196,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     to_hf = commands.add_parser("to-hf", help="full-state weights -> Hugging Face directory")
-    to_hf.add_argument("--config", required=True, help="training recipe or resolved config YAML (its model section)")
-    to_hf.add_argument("--weights", required=True, help="full state safetensors file (save_full_state)")
+    source = to_hf.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="training checkpoint: save directory or one iter_* directory")
+    source.add_argument("--weights", help="full state safetensors file (save_full_state); needs --config")
+    to_hf.add_argument("--config", help="recipe or resolved config YAML (default with --checkpoint: its own)")
     to_hf.add_argument("--output", required=True, help="new directory to create")
     to_hf.add_argument("--tokenizer-dir", help="tokenizer files to copy; special token ids are read from them")
     to_hf.add_argument("--model-type", choices=MODEL_TYPES, default="llama",
@@ -212,7 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     from_hf.add_argument("--dtype", choices=sorted(HF_DTYPES), help="cast the weights (default: keep)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "to-hf":
+        if args.command == "to-hf" and args.checkpoint:
+            full, meta = read_full_state(args.checkpoint)
+            config = (load_config(args.config) if args.config else config_from_dict(yaml.safe_load(meta["config_yaml"]))).model
+            export_hf(full, config, args.output, tokenizer_dir=args.tokenizer_dir, model_type=args.model_type,
+                      dtype=HF_DTYPES[args.dtype], max_shard_bytes=parse_size(args.max_shard_size))
+        elif args.command == "to-hf":
+            if not args.config:
+                raise ConversionError("--weights needs --config: the recipe the weights were trained with")
             config = load_config(args.config).model
             full, stored = load_full_state(args.weights)
             if stored is not None:
@@ -226,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                                      make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                                      dtype=HF_DTYPES[args.dtype] if args.dtype else None)
             write_imported(full, config, args.output)
-    except (ConversionError, ConfigError) as error:
+    except (ConversionError, ConfigError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {args.output}")

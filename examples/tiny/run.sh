@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CPU demo, end to end: corpus -> tokenizer -> .bin/.idx -> TP2 x DP2 training on 4 processes.
+# The CPU demo, end to end: corpus -> tokenizer -> .bin/.idx -> TP2 x DP2 training on 4 processes
+# -> Hugging Face export -> greedy generation with transformers.
 # Usage: bash examples/tiny/run.sh [section.key=value ...]   (run from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -11,3 +12,7 @@ mkdir -p data/tiny
     --input data/tiny/sample.jsonl --json-keys text --output-prefix data/tiny/sample \
     --tokenizer-type aquila-bbpe --tokenizer-path data/tiny/tokenizer --append-eod --workers 2
 torchrun --standalone --nproc_per_node 4 -m megatron_aquila.train examples/tiny/tiny.yaml "$@"
+rm -rf runs/tiny/hf
+python tools/convert_checkpoint.py to-hf --checkpoint runs/tiny/checkpoints --output runs/tiny/hf \
+    --tokenizer-dir data/tiny/tokenizer --dtype fp32
+python examples/tiny/generate.py runs/tiny/hf "The module provides" --tokens 24
