@@ -41,6 +41,13 @@ class BatchSchedule:
         """Micro-batches each data-parallel rank runs in the iteration starting at ``consumed_samples``."""
         return self.global_batch_at(consumed_samples) // (self.micro_batch_size * self.data_parallel_size)
 
+    def samples_consumed_by(self, iterations: int) -> int:
+        """Samples consumed by the first ``iterations`` iterations (what the data must supply)."""
+        consumed = 0
+        for _ in range(iterations):
+            consumed += self.global_batch_at(consumed)
+        return consumed
+
     def iterations_for(self, train_samples: int) -> int:
         """Iterations needed to consume ``train_samples`` (the last one may overshoot, as in Megatron)."""
         consumed, iterations = 0, 0

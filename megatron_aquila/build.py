@@ -69,7 +69,8 @@ def build_trainer_parts(config: Config, ctx: ParallelContext) -> tuple[TrainerPa
     optimizer = build_optimizer(chunks, buffers, config.optimizer, config.precision, ctx, p.distributed_optimizer)
     schedule = BatchSchedule(t.global_batch_size, t.micro_batch_size, ctx.dp_size,
                              tuple(t.rampup_batch_size) if t.rampup_batch_size else None)
-    train_samples = t.train_samples if t.train_samples is not None else t.train_iters * t.global_batch_size
+    iterations = schedule.iterations_for(t.train_samples) if t.train_samples is not None else t.train_iters
+    train_samples = schedule.samples_consumed_by(iterations)  # the last batch may overshoot train_samples
     train_stream, valid_stream = build_streams(config, ctx, train_samples)
     padded_vocab = config.model.padded_vocab_size(ctx.tp_size)
     parts = TrainerParts(

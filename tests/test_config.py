@@ -1,0 +1,65 @@
+"""Recipe loading, overrides and validation: bad input fails early with the numbers in the message."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_aquila.config import ConfigError, load_config
+
+VALID = ["training.train_iters=10", "data.mock=true"]
+
+
+def test_preset_fills_fields_and_explicit_keys_win(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {preset: aquila2-34b, num_layers: 4}\ntraining: {train_iters: 3}\n")
+    config = load_config(recipe, ["model.hidden_size=6144", "optimizer.lr=1e-4"])
+    assert config.model.num_layers == 4 and config.model.num_kv_heads == 8
+    assert config.model.ffn_size == 24576 and config.model.norm_init == 0.3
+    assert config.optimizer.lr == 1e-4 and isinstance(config.optimizer.lr, float)
+
+
+@pytest.mark.parametrize("override, words", [
+    (["model.hidden_sise=8"], ["model.hidden_sise", "valid keys"]),
+    (["modle.hidden_size=8"], ["modle", "valid"]),
+    (["training.micro_batch_size=two"], ["training.micro_batch_size", "integer", "'two'"]),
+    (["parallel.sequence_parallel=1"], ["parallel.sequence_parallel", "true or false"]),
+    (["model.preset=aquila3"], ["aquila3", "aquila2-7b"]),
+    (["training"], ["section.key=value"]),
+])
+def test_bad_keys_and_values_are_named(override, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, override)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_missing_recipe_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("overrides, world, words", [
+    (["parallel.tensor_parallel=3"], 6, ["num_attention_heads 8", "tensor_parallel 3"]),
+    (["parallel.tensor_parallel=2"], 3, ["world size 3", "tensor_parallel 2", "= 2"]),
+    (["model.num_kv_heads=2", "parallel.tensor_parallel=4"], 4, ["num_kv_heads 2", "tensor_parallel 4"]),
+    (["parallel.pipeline_parallel=3"], 3, ["num_layers 4", "pipeline_parallel 3"]),
+    (["training.global_batch_size=6", "training.micro_batch_size=2"], 2, ["global_batch_size 6", "= 4"]),
+    (["parallel.pipeline_parallel=2", "parallel.virtual_pipeline_stages=2", "training.global_batch_size=3"], 2,
+     ["micro-batches per step (3", "pipeline_parallel 2"]),
+    (["parallel.sequence_parallel=true"], 1, ["sequence_parallel needs tensor_parallel > 1"]),
+    (["training.train_samples=100"], 1, ["exactly one of training.train_iters and training.train_samples"]),
+    (["training.rampup_batch_size=[3, 4, 100]"], 2, ["rampup start 3"]),
+    (["data.mock=false"], 1, ["data.data_path is empty"]),
+])
+def test_invalid_layouts_carry_the_numbers(overrides, world, words):
+    config = load_config(None, VALID + overrides)
+    with pytest.raises(ConfigError) as error:
+        config.validate(world)
+    for word in words:
+        assert word in str(error.value), f"{word!r} not in {error.value}"
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    config = load_config(None, VALID + ["model.preset=aquila2-7b", "parallel.distributed_optimizer=true"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(config.to_yaml())
+    assert load_config(path) == config
