@@ -149,6 +149,7 @@ class CheckpointConfig:
     load: Optional[str] = None
     no_load_optim: bool = False
     no_load_rng: bool = False
+    init_weights: Optional[str] = None      # full_state.safetensors (convert_checkpoint.py from-hf) when not resuming
 
 
 @dataclass

@@ -45,6 +45,7 @@ from megatron_aquila.checkpoint.hf_mapping import (  # noqa: E402
     generation_config_dict,
     hf_config_dict,
     hf_to_full,
+    check_same_model,
     model_config_from_hf,
     token_ids_from_tokenizer,
 )
@@ -182,19 +183,6 @@ def write_imported(full: Mapping[str, torch.Tensor], config: ModelConfig, output
         model = {k: v for k, v in asdict(config).items() if k != "preset"}
         (tmp / "model.yaml").write_text(yaml.safe_dump({"model": model}, sort_keys=False))
     return output
-
-
-_EXPORT_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "kv_heads", "ffn_size", "vocab_size",
-                  "norm_eps", "rope_base", "rope_interleaved")
-
-
-def check_same_model(stored: ModelConfig, config: ModelConfig, weights: str, recipe: str) -> None:
-    """The weights file's own model config must agree with the recipe on everything the export uses."""
-    diffs = [f"{name}: weights {getattr(stored, name)!r} vs recipe {getattr(config, name)!r}"
-             for name in _EXPORT_FIELDS if getattr(stored, name) != getattr(config, name)]
-    if diffs:
-        raise ConversionError(f"{weights} was saved for another model than {recipe} describes ({'; '.join(diffs)}); "
-                              "pass the recipe the weights were trained with")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -338,3 +338,16 @@ def model_config_from_hf(hf: Mapping[str, Any], *, make_vocab_size_divisible_by:
         init_std=float(hf.get("initializer_range", 0.02)),
         attention_dropout=float(hf.get("attention_dropout", 0.0)),
     )
+
+
+_EXPORT_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "kv_heads", "ffn_size", "vocab_size",
+                  "norm_eps", "rope_base", "rope_interleaved")
+
+
+def check_same_model(stored: ModelConfig, config: ModelConfig, weights: str, recipe: str) -> None:
+    """The weights file's own model config must agree with the recipe on everything the export uses."""
+    diffs = [f"{name}: weights {getattr(stored, name)!r} vs recipe {getattr(config, name)!r}"
+             for name in _EXPORT_FIELDS if getattr(stored, name) != getattr(config, name)]
+    if diffs:
+        raise ConversionError(f"{weights} was saved for another model than {recipe} describes ({'; '.join(diffs)}); "
+                              "pass the recipe the weights were trained with")
