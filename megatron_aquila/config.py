@@ -15,6 +15,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from megatron_aquila.model.kernels import KERNEL_BACKENDS
 from megatron_aquila.model.presets import MODEL_PRESETS
 
 
@@ -44,6 +45,7 @@ class ModelConfig:
     init_std: float = 0.02
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    kernels: str = "auto"                   # auto | torch | flash-attn | transformer-engine | apex (model/kernels.py)
 
     @property
     def kv_heads(self) -> int:
@@ -323,6 +325,7 @@ def validate_config(config: Config, world_size: int) -> None:
                  f"{pp * vpp}; change the layout or give parallel.pipeline_layers")
     if vpp > 1:
         _require(pp > 1, f"virtual_pipeline_stages {vpp} needs pipeline_parallel > 1")
+    _require(m.kernels in KERNEL_BACKENDS, f"model.kernels {m.kernels!r} must be one of {', '.join(KERNEL_BACKENDS)}")
     _require(t.micro_batch_size >= 1, f"micro_batch_size {t.micro_batch_size} must be >= 1")
     step = t.micro_batch_size * dp
     _require(t.global_batch_size % step == 0,

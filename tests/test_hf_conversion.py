@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_fixtures import require_aquila_tokenizer
 from distributed import run_distributed
 from megatron_aquila.checkpoint.full_state import (
     gather_full_state_dict,
@@ -314,7 +315,5 @@ def test_tied_hf_checkpoint_gets_an_untied_copy():
 
 
 def test_special_ids_come_from_the_real_aquila_tokenizer():
-    tokenizer_dir = Path(__file__).resolve().parents[2] / "shared" / "aquila_tokenizer"
-    if not tokenizer_dir.is_dir():
-        pytest.skip(f"{tokenizer_dir} not present")
+    tokenizer_dir = require_aquila_tokenizer()
     assert token_ids_from_tokenizer(tokenizer_dir, 100008) == TokenIds(bos=100006, eos=100007, pad=0)

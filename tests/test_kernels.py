@@ -61,3 +61,30 @@ def test_torch_rms_norm(dtype):
     assert out.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend, importable, attention, norm", [
+    ("torch", ("flash_attn", "transformer_engine", "apex"), "torch-sdpa", "torch"),
+    ("flash-attn", ("flash_attn",), "flash-attn", "torch"),
+    ("transformer-engine", ("transformer_engine",), "transformer-engine", "transformer-engine"),
+    ("apex", ("apex",), "torch-sdpa", "apex"),
+    ("auto", ("apex",), "torch-sdpa", "apex"),
+])
+def test_the_switch_forces_a_backend(monkeypatch, backend, importable, attention, norm):
+    _pretend_importable(monkeypatch, *importable)
+    choice = kernels.choose_kernels(backend, "cuda", torch.bfloat16)
+    assert (choice.attention, choice.norm) == (attention, norm)
+
+
+@pytest.mark.parametrize("backend, device, dtype, importable, words", [
+    ("flash-attn", "cpu", torch.bfloat16, ("flash_attn",), ["needs a CUDA device", "device cpu"]),
+    ("transformer-engine", "cuda", torch.bfloat16, (), ["transformer_engine not installed"]),
+    ("flash-attn", "cuda", torch.float32, ("flash_attn",), ["fp16 or bf16", "torch.float32"]),
+    ("xformers", "cuda", torch.bfloat16, (), ["must be one of"]),
+])
+def test_a_forced_backend_that_cannot_run_is_an_error(monkeypatch, backend, device, dtype, importable, words):
+    _pretend_importable(monkeypatch, *importable)
+    with pytest.raises(ValueError) as error:
+        kernels.choose_kernels(backend, device, dtype)
+    for word in words:
+        assert word in str(error.value)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_aquila.config import ModelConfig
-from megatron_aquila.model.kernels import KernelChoice, build_attention, build_rms_norm, select_kernels
+from megatron_aquila.model.kernels import KernelChoice, build_attention, build_rms_norm, choose_kernels
 from megatron_aquila.model.transformer import (
     RECOMPUTE_MODES,
     RMSNorm,
@@ -80,7 +80,7 @@ class AquilaModel(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         self.padded_vocab_size = config.padded_vocab_size(ctx.tp_size)
         device = torch.device(device) if device is not None else ctx.device
-        self.kernels = kernels or select_kernels(device, params_dtype)
+        self.kernels = kernels or choose_kernels(config.kernels, device, params_dtype)
         self.rng = RNGStatesTracker(seed, ctx.tp_rank, device)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_base, config.seq_length)
         norm_fn = build_rms_norm(self.kernels.norm)

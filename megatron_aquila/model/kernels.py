@@ -60,6 +60,39 @@ def select_kernels(device: torch.device | str, dtype: torch.dtype) -> KernelChoi
     return KernelChoice(attention=attention, norm=norm)
 
 
+KERNEL_BACKENDS = ("auto", "torch", "flash-attn", "transformer-engine", "apex")
+_BACKEND_MODULES = {"flash-attn": "flash_attn", "transformer-engine": "transformer_engine", "apex": "apex"}
+# What a named backend provides; the rest comes from torch.
+_BACKEND_KERNELS = {
+    "torch": KernelChoice(attention="torch-sdpa", norm="torch"),
+    "flash-attn": KernelChoice(attention="flash-attn", norm="torch"),
+    "transformer-engine": KernelChoice(attention="transformer-engine", norm="transformer-engine"),
+    "apex": KernelChoice(attention="torch-sdpa", norm="apex"),
+}
+
+
+def choose_kernels(backend: str, device: torch.device | str, dtype: torch.dtype) -> KernelChoice:
+    """The one switch (``model.kernels``): ``auto`` picks the fastest available, a name forces it.
+
+    A forced GPU backend that cannot run here (no CUDA, package missing, flash-attn in fp32) is an
+    error rather than a silent fallback, so a cluster run never trains on the wrong kernels.
+    """
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"model.kernels {backend!r} must be one of {KERNEL_BACKENDS}")
+    if backend == "auto":
+        return select_kernels(device, dtype)
+    if backend != "torch":
+        module = _BACKEND_MODULES[backend]
+        if torch.device(device).type != "cuda" or not _importable(module):
+            raise ValueError(f"model.kernels={backend} needs a CUDA device and the {module} package; this process "
+                             f"has device {torch.device(device)} and {module} "
+                             f"{'importable' if _importable(module) else 'not installed'}: use auto or torch")
+        if backend == "flash-attn" and dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"model.kernels=flash-attn needs fp16 or bf16 parameters, not {dtype}: "
+                             "set precision.dtype or use auto")
+    return _BACKEND_KERNELS[backend]
+
+
 def _torch_sdpa(dropout_p: float) -> AttentionFn:
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s, b, n, d = q.shape

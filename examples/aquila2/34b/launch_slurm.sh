@@ -20,13 +20,4 @@ if [ ! -f "$REPO_DIR/$RECIPE" ]; then
     echo "launch_slurm.sh: $REPO_DIR/$RECIPE not found; submit from the repository root or set REPO_DIR" >&2
     exit 2
 fi
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-RDZV_PORT=${RDZV_PORT:-29500}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-
-# Expanded here, once, so every node gets the same endpoint and overrides (each "$@" word stays one word).
-srun --nodes "$SLURM_JOB_NUM_NODES" --ntasks-per-node 1 --kill-on-bad-exit=1 --chdir "$REPO_DIR" \
-    torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$GPUS_PER_NODE" \
-    --rdzv_backend c10d --rdzv_endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
-    -m megatron_aquila.train "$RECIPE" "$@"
+exec bash "$REPO_DIR/examples/aquila2/srun_torchrun.sh" "$REPO_DIR" "$RECIPE" "$@"

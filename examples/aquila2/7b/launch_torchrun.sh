@@ -13,27 +13,6 @@
 # Check the layout without a GPU first:
 #   python -m megatron_aquila.plan examples/aquila2/7b/aquila2_7b.yaml --nodes $NNODES --gpus-per-node 8 --gpu A800-80G
 set -euo pipefail
-cd "$(dirname "$0")/../../.."
-RECIPE=examples/aquila2/7b/aquila2_7b.yaml
-NNODES=${NNODES:-12}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-
-if [ -n "${RDZV_ENDPOINT:-}" ]; then
-    rendezvous=(--rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-7b-${USER:-user}}")
-elif [ -n "${MASTER_ADDR:-}" ]; then
-    if [ -z "${NODE_RANK:-}" ]; then
-        echo "launch_torchrun.sh: MASTER_ADDR is set but NODE_RANK is not; set NODE_RANK (0..$((NNODES - 1))) on each node," \
-             "or use RDZV_ENDPOINT=host:port instead" >&2
-        exit 2
-    fi
-    rendezvous=(--master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" --node_rank "$NODE_RANK")
-else
-    echo "launch_torchrun.sh: set RDZV_ENDPOINT=host:port (c10d rendezvous) or MASTER_ADDR (+ MASTER_PORT, NODE_RANK)" >&2
-    exit 2
-fi
-
-# One CPU thread pool per process is plenty: the GPU does the work.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-
-exec torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" "${rendezvous[@]}" \
-    -m megatron_aquila.train "$RECIPE" "$@"
+cd "$(dirname "$0")"
+NNODES=${NNODES:-12} RDZV_ID=${RDZV_ID:-7b-${USER:-user}} \
+    exec bash ../launch_torchrun.sh examples/aquila2/7b/aquila2_7b.yaml "$@"
