@@ -7,8 +7,8 @@ What it does, without a GPU and without allocating a single weight:
 1. ``Config.validate(nodes x gpus_per_node)``: every divisibility the real launch checks.
 2. Builds every distinct (TP rank, PP rank) model chunk set (``partition.chunk_layer_ids`` for
    virtual stages) as ``AquilaModel`` on the meta device and counts its parameters. The layers
-   read their TP size and rank from the TP process group, so each TP rank is built inside a
-   single-process "fake" ``torch.distributed`` world of TP ranks (no collective ever runs).
+   read their TP size and rank from the TP group, here a ``DescribedGroup`` that states them and
+   never communicates, so the shards are exactly what that rank would hold.
 3. Memory per GPU (bytes): weights (2 per parameter in fp16/bf16, 4 in fp32), grads (the fp32 grad
    buffer, 4), optimizer state (fp32 master copy 4 unless the model is fp32, Adam m and v 8),
    replicated or sharded over DP by the distributed optimizer, and activations after Korthikanti
@@ -28,20 +28,18 @@ What it does, without a GPU and without allocating a single weight:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_aquila.config import Config, ConfigError, load_config
 from megatron_aquila.metrics import GPU_PEAK_TFLOPS
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.model.flops import flops_per_iteration, num_parameters
-from megatron_aquila.parallel.context import ParallelContext, ProcessGroup
+from megatron_aquila.parallel.context import DescribedGroup, ParallelContext, ProcessGroup
 from megatron_aquila.parallel.pipeline.partition import chunk_has_embedding, chunk_has_head, chunk_layer_ids
 
 GIB = 1024 ** 3
@@ -92,24 +90,6 @@ class RankParameters:
     replicated: int  # of which replicated over TP (RMSNorm weights)
 
 
-@contextlib.contextmanager
-def _tensor_parallel_group(tp_size: int, tp_rank: int) -> Iterator[ProcessGroup]:
-    """A group that reports size ``tp_size`` and rank ``tp_rank`` in this one process (no communication)."""
-    if tp_size == 1:
-        yield None
-        return
-    if dist.is_initialized():
-        raise PlanError("the planner needs its own process (torch.distributed is already initialised here): "
-                        "run it as python -m megatron_aquila.plan")
-    # Registers the "fake" backend: a process group that never communicates (PyTorch's own testing tool).
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-    dist.init_process_group("fake", store=FakeStore(), rank=tp_rank, world_size=tp_size)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
-
 def _planning_context(config: Config, world_size: int, tp_rank: int, pp_rank: int,
                       tp_group: ProcessGroup) -> ParallelContext:
     tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
@@ -125,25 +105,25 @@ def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision.dtype]
     ranks = []
     for tp_rank in range(p.tensor_parallel):
-        with _tensor_parallel_group(p.tensor_parallel, tp_rank) as tp_group:
-            for pp_rank in range(p.pipeline_parallel):
-                ctx = _planning_context(config, world_size, tp_rank, pp_rank, tp_group)
-                layer_ids, sharded, replicated = [], 0, 0
-                for chunk in range(p.virtual_pipeline_stages):
-                    ids = chunk_layer_ids(m.num_layers, p.pipeline_parallel, p.virtual_pipeline_stages, pp_rank,
-                                          chunk, p.pipeline_layers)
-                    model = AquilaModel(
-                        m, ctx, sequence_parallel=p.sequence_parallel, recompute=config.training.recompute,
-                        layer_ids=ids, pre_process=chunk_has_embedding(pp_rank, chunk),
-                        post_process=chunk_has_head(pp_rank, chunk, p.pipeline_parallel, p.virtual_pipeline_stages),
-                        params_dtype=dtype, device="meta", seed=config.training.seed)
-                    layer_ids.append(ids)
-                    for param in model.parameters():
-                        if getattr(param, "tensor_model_parallel", False):
-                            sharded += param.numel()
-                        else:
-                            replicated += param.numel()
-                ranks.append(RankParameters(tp_rank, pp_rank, layer_ids, sharded + replicated, sharded, replicated))
+        tp_group = DescribedGroup(p.tensor_parallel, tp_rank) if p.tensor_parallel > 1 else None
+        for pp_rank in range(p.pipeline_parallel):
+            ctx = _planning_context(config, world_size, tp_rank, pp_rank, tp_group)
+            layer_ids, sharded, replicated = [], 0, 0
+            for chunk in range(p.virtual_pipeline_stages):
+                ids = chunk_layer_ids(m.num_layers, p.pipeline_parallel, p.virtual_pipeline_stages, pp_rank,
+                                      chunk, p.pipeline_layers)
+                model = AquilaModel(
+                    m, ctx, sequence_parallel=p.sequence_parallel, recompute=config.training.recompute,
+                    layer_ids=ids, pre_process=chunk_has_embedding(pp_rank, chunk),
+                    post_process=chunk_has_head(pp_rank, chunk, p.pipeline_parallel, p.virtual_pipeline_stages),
+                    params_dtype=dtype, device="meta", seed=config.training.seed)
+                layer_ids.append(ids)
+                for param in model.parameters():
+                    if getattr(param, "tensor_model_parallel", False):
+                        sharded += param.numel()
+                    else:
+                        replicated += param.numel()
+            ranks.append(RankParameters(tp_rank, pp_rank, layer_ids, sharded + replicated, sharded, replicated))
     return ranks
 
 

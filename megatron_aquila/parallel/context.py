@@ -13,22 +13,38 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-ProcessGroup = Optional[dist.ProcessGroup]
+@dataclass(frozen=True)
+class DescribedGroup:
+    """A group that only states its size and this process's rank, and never communicates.
+
+    The planner builds each rank's model on the meta device in one process with these, so that
+    layers shard their weights as they would on that rank; running a collective on one fails.
+    """
+
+    size: int
+    rank: int
+
+
+ProcessGroup = Optional[Union[dist.ProcessGroup, DescribedGroup]]
 
 
 def group_size(group: ProcessGroup) -> int:
     """Size of ``group``; a ``None`` group is the trivial group of one process."""
-    return 1 if group is None else dist.get_world_size(group)
+    if group is None:
+        return 1
+    return group.size if isinstance(group, DescribedGroup) else dist.get_world_size(group)
 
 
 def group_rank(group: ProcessGroup) -> int:
     """This process's rank inside ``group`` (0 for the trivial group)."""
-    return 0 if group is None else dist.get_rank(group)
+    if group is None:
+        return 0
+    return group.rank if isinstance(group, DescribedGroup) else dist.get_rank(group)
 
 
 def grid_rank(tp_rank: int, dp_rank: int, pp_rank: int, tp_size: int, dp_size: int) -> int:
