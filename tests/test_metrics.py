@@ -52,3 +52,15 @@ def test_tensorboard_sink_writes_events(tmp_path):
     events.Reload()
     assert "train/loss" in events.Tags()["scalars"]
     assert abs(events.Scalars("train/mfu")[0].value - stats().mfu) < 1e-6  # stored as float32
+
+
+def test_wandb_offline_sink_records_the_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    writer = MetricsWriter(None, "megatron-aquila-test", "offline", {"model": {"hidden_size": 64}}, str(tmp_path))
+    writer.log_iteration(stats())
+    writer.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, f"expected one offline run under {tmp_path / 'wandb'}, found {runs}"
+    record = runs[0].read_bytes()
+    for key in (b"train/loss", b"train/mfu", b"train/tokens_per_second_per_device", b"hidden_size"):
+        assert key in record, f"{key!r} not recorded in {runs[0]}"
