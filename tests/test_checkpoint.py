@@ -148,6 +148,26 @@ def test_reshard_continues_the_run(workdir, reference, name, nproc, layout):
         assert losses[iteration] == pytest.approx(reference[iteration], rel=1e-5, abs=0), (name, iteration)
 
 
+def test_reshard_tp2_pp2_dp2_to_tp1_pp4_dp2_and_one_process(workdir):
+    """DESIGN's resharding example: an 8-process TP2 x PP2 x DP2 run (sequence parallel, ZeRO-1) saves at
+    iteration 4; TP1 x PP4 x DP2 and one process load it and continue with the original run's losses."""
+    save = workdir / "tp2pp2dp2"
+    four_layers = ["model.num_layers=4", "training.train_iters=6"]
+    original = run(workdir, "tp2pp2dp2", 8, [*four_layers, "parallel.pipeline_parallel=2",
+                                             "parallel.sequence_parallel=true", f"checkpoint.save={save}",
+                                             "checkpoint.save_interval=4"])
+    assert sorted(original) == list(range(1, 7))
+    load = save / "iter_0000004"
+    for name, nproc, layout in [
+        ("tp1_pp4_dp2", 8, ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=4"]),
+        ("from_tp2pp2dp2_single", 1, ["parallel.tensor_parallel=1", "parallel.distributed_optimizer=false"]),
+    ]:
+        losses = run(workdir, name, nproc, [*four_layers, *layout, f"checkpoint.load={load}"])
+        assert sorted(losses) == [5, 6], name
+        for iteration in (5, 6):
+            assert losses[iteration] == pytest.approx(original[iteration], rel=1e-5, abs=0), (name, iteration)
+
+
 def test_crash_mid_save_keeps_the_previous_checkpoint(workdir, reference, monkeypatch):
     from megatron_aquila.checkpoint import manager
     from megatron_aquila.train import main
