@@ -2,8 +2,10 @@
 
 Blend sample ``k`` comes from dataset ``argmax_i (w_i * max(k, 1) - count_i)`` and is that
 dataset's ``count_i``-th sample (C++ greedy, ``helpers.build_blending_indices``). To be sure a
-dataset never runs out, dataset ``i`` of a blend of ``N`` samples is built with
-``ceil(w_i * N * 1.005)`` samples. Without weights the datasets are blended in proportion to
+dataset never runs out, dataset ``i`` of a blend asked for ``N`` samples is built with
+``ceil(ceil(w_i * N) * 1.005)`` samples and the blend has ``sum_i ceil(w_i * N)`` samples (N up to
+N + datasets - 1), exactly as megatron-core sizes them (tests/test_megatron_compat.py), so the
+members' epochs and hence the sample stream are Megatron's. Without weights the datasets are blended in proportion to
 their lengths, exhaustively (every sample once) when no size is asked.
 
 The two index arrays are cached like GPTDataset's (md5 of a JSON description; one builder rank,
@@ -22,6 +24,7 @@ from megatron_aquila.data.gpt_dataset import (
     GPTDataset,
     GPTDatasetConfig,
     IndexCache,
+    MapsCachedIndices,
     build_gpt_datasets,
     build_or_load,
 )
@@ -66,11 +69,11 @@ def _as_number(entry: str) -> Optional[float]:
 
 
 def surplus_sizes(weights: Sequence[float], size: int) -> list[int]:
-    """Samples to build per dataset for a blend of ``size``: ``ceil(w_i * size * 1.005)``."""
-    return [int(math.ceil(weight * size * (1 + SIZE_SURPLUS))) for weight in weights]
+    """Samples to build per dataset for a blend asked for ``size``: ``ceil(ceil(w_i * size) * 1.005)``."""
+    return [int(math.ceil(math.ceil(weight * size) * (1 + SIZE_SURPLUS))) for weight in weights]
 
 
-class BlendedDataset(torch.utils.data.Dataset):
+class BlendedDataset(MapsCachedIndices, torch.utils.data.Dataset):
     """Samples of ``datasets`` interleaved by ``weights``.
 
     Args:
@@ -119,19 +122,6 @@ class BlendedDataset(torch.utils.data.Dataset):
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
 
-    def __getstate__(self) -> dict:
-        # Worker processes re-map cached indices instead of receiving copies of them.
-        state = self.__dict__.copy()
-        if self.cache is not None:
-            for name in self.cache.names:
-                del state[name]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.cache is not None:
-            self.__dict__.update(self.cache.load())
-
     def _build_indices(self) -> dict[str, np.ndarray]:
         if self.exhaustive:
             dataset_index, dataset_sample_index = build_exhaustive_blending_indices(self.lengths)
@@ -142,7 +132,7 @@ class BlendedDataset(torch.utils.data.Dataset):
             if count > length:
                 raise ValueError(
                     f"the blend takes {count} samples of dataset {i} but it has only {length}; "
-                    f"build it with at least ceil(weight * size * {1 + SIZE_SURPLUS}) samples"
+                    f"build it with at least ceil(ceil(weight * size) * {1 + SIZE_SURPLUS}) samples"
                 )
         return {"dataset_index": dataset_index, "dataset_sample_index": dataset_sample_index}
 
@@ -174,8 +164,8 @@ def build_blended_gpt_datasets(
     """Train, valid and test datasets of a Megatron-style ``blend`` cut by ``config.split``.
 
     One prefix without weight gives plain GPTDatasets. Otherwise each prefix gives GPTDatasets of
-    ``ceil(w_i * N * 1.005)`` samples per split (one epoch when unweighted), blended into
-    ``N = num_samples_per_split[split]`` samples.
+    ``ceil(ceil(w_i * N) * 1.005)`` samples per split (one epoch when unweighted), blended into
+    ``sum_i ceil(w_i * N)`` samples with ``N = num_samples_per_split[split]`` (megatron-core's sizing).
     """
     prefixes, weights = parse_blend(blend)
     if len(prefixes) == 1 and weights is None:
@@ -198,5 +188,7 @@ def build_blended_gpt_datasets(
             missing = [prefix for prefix, member in zip(prefixes, members) if member is None]
             raise ValueError(f"the {split_name} split is empty for {missing}; change the split {config.split!r}")
         size = num_samples_per_split[split_number]
+        if weights is not None and size is not None:
+            size = sum(math.ceil(weight * size) for weight in weights)
         blended.append(BlendedDataset(members, weights, size, config.cache_dir, is_builder, barrier))
     return blended
