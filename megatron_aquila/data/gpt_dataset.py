@@ -130,6 +130,25 @@ class IndexCache:
         return {name: np.load(self.path(name + ".npy"), mmap_mode="r", allow_pickle=False) for name in self.names}
 
 
+class MapsCachedIndices:
+    """Pickles without the index arrays held in ``self.cache``: a DataLoader worker memory-maps
+    the cached files again instead of receiving copies of them."""
+
+    cache: Optional[IndexCache]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if self.cache is not None:
+            for name in self.cache.names:
+                del state[name]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.cache is not None:
+            self.__dict__.update(self.cache.load())
+
+
 def build_or_load(
     cache: Optional[IndexCache],
     build: Callable[[], dict[str, np.ndarray]],
@@ -158,7 +177,7 @@ def num_epochs_for(num_samples: int, seq_length: int, tokens_per_epoch: int, ext
     return max(1, -(-needed // tokens_per_epoch))
 
 
-class GPTDataset(torch.utils.data.Dataset):
+class GPTDataset(MapsCachedIndices, torch.utils.data.Dataset):
     """Fixed-length samples from documents ``document_ids`` of ``indexed_dataset``.
 
     Args:
@@ -222,19 +241,6 @@ class GPTDataset(torch.utils.data.Dataset):
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
         self.shuffle_index = arrays["shuffle_index"]
-
-    def __getstate__(self) -> dict:
-        # Worker processes re-map cached indices instead of receiving copies of them.
-        state = self.__dict__.copy()
-        if self.cache is not None:
-            for name in self.cache.names:
-                del state[name]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.cache is not None:
-            self.__dict__.update(self.cache.load())
 
     def _drop_last_partial_sequence(self) -> bool:
         return self.split_name != "valid" or self.config.drop_last_partial_validation_sequence
