@@ -12,7 +12,7 @@ as the source layout had them (``ModelConfig.padded_vocab_size(tp)``).
 - ``load_full_state_dict``: each rank copies its slice ``narrow(partition_dim, tp_rank * local,
   local)`` of the tensors its chunks hold.
 - ``save_full_state`` / ``load_full_state``: one safetensors file, with the model section of the
-  config in its metadata.
+  config in its metadata; ``open_full_state`` reads it lazily, tensor by tensor.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -131,19 +131,52 @@ def save_full_state(path: str | os.PathLike, full: Mapping[str, torch.Tensor],
     os.replace(tmp, path)
 
 
-def load_full_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Optional[ModelConfig]]:
-    """The tensors of a ``save_full_state`` file and the ModelConfig stored with them (if any)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+class LazyFullState(Mapping[str, torch.Tensor]):
+    """A ``save_full_state`` file as a read-only mapping that reads each tensor only when asked.
 
+    safetensors memory-maps the file, so a rank that loads its pipeline stage's tensors one by one
+    holds at most one full tensor at a time and never reads the other stages' bytes. ``transforms``
+    maps a name to a function applied to its tensor on read (e.g. re-padding the vocabulary rows).
+    """
+
+    def __init__(self, path: Path, transforms: Optional[Mapping[str, Callable[[torch.Tensor], torch.Tensor]]] = None):
+        from safetensors import safe_open
+
+        self.path = path
+        self._handle = safe_open(str(path), framework="pt")
+        self._names = list(self._handle.keys())
+        self._transforms = dict(transforms or {})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        tensor = self._handle.get_tensor(name)
+        transform = self._transforms.get(name)
+        return tensor if transform is None else transform(tensor)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def open_full_state(path: str | os.PathLike, transforms=None) -> tuple[LazyFullState, Optional[ModelConfig]]:
+    """A ``save_full_state`` file, lazily (see LazyFullState), and the ModelConfig stored with it."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"full state file {path} does not exist")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    full = LazyFullState(path, transforms)
+    metadata = full._handle.metadata() or {}
     if metadata.get("megatron_aquila") != FULL_STATE_FORMAT:
         raise ConversionError(f"{path} is not a megatron_aquila full state file (metadata "
                               f"'megatron_aquila' = {metadata.get('megatron_aquila')!r}, expected "
                               f"{FULL_STATE_FORMAT!r}); write it with save_full_state")
     config = ModelConfig(**json.loads(metadata["model_config"])) if "model_config" in metadata else None
-    return load_file(str(path)), config
+    return full, config
+
+
+def load_full_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Optional[ModelConfig]]:
+    """Every tensor of a ``save_full_state`` file, in memory, and the ModelConfig stored with them."""
+    full, config = open_full_state(path)
+    return {name: full[name] for name in full}, config

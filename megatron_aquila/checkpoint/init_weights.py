@@ -1,8 +1,8 @@
 """Start a run from full-state weights (continued pretraining from a Hugging Face model).
 
 ``tools/convert_checkpoint.py from-hf`` turns a Llama/Aquila2 HF directory into
-``full_state.safetensors``; a recipe names it in ``checkpoint.init_weights``. Each rank reads it,
-re-pads the vocabulary rows for this run's tensor-parallel size (make_vocab_size_divisible_by x
+``full_state.safetensors``; a recipe names it in ``checkpoint.init_weights``. Each rank reads
+only the tensors its pipeline chunks hold, one at a time from the memory-mapped file, re-pads the vocabulary rows for this run's tensor-parallel size (make_vocab_size_divisible_by x
 TP), keeps its TP slice of the tensors its pipeline chunks hold, and the optimizer's fp32 masters
 are refreshed from the loaded weights. Optimizer moments start at zero. Resuming a checkpoint
 takes precedence: init_weights is used only when ``checkpoint.load`` finds nothing.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from megatron_aquila.checkpoint.full_state import load_full_state, load_full_state_dict
+from megatron_aquila.checkpoint.full_state import load_full_state_dict, open_full_state
 from megatron_aquila.checkpoint.hf_mapping import ConversionError, check_same_model, resize_vocab
 from megatron_aquila.checkpoint.state import refresh_masters
 from megatron_aquila.config import ModelConfig
@@ -30,13 +30,11 @@ def initialize_from_full_state(path: str, config: ModelConfig, model_chunks: lis
     if not Path(path).is_file():
         raise ConversionError(f"checkpoint.init_weights {path} does not exist; write it with "
                               "tools/convert_checkpoint.py from-hf --hf-dir DIR --output OUT (OUT/full_state.safetensors)")
-    full, stored = load_full_state(path)
+    padded = config.padded_vocab_size(ctx.tp_size)
+    repad = {name: (lambda tensor: resize_vocab(tensor, config.vocab_size, padded)) for name in VOCAB_ROWS}
+    full, stored = open_full_state(path, repad)  # read lazily: this rank's tensors only, one at a time
     if stored is not None:
         check_same_model(stored, config, path, "the recipe's model section")
-    padded = config.padded_vocab_size(ctx.tp_size)
-    for name in VOCAB_ROWS:
-        if name in full:
-            full[name] = resize_vocab(full[name], config.vocab_size, padded)
     load_full_state_dict(model_chunks, full, ctx, config)
     refresh_masters(optimizer)
     logger.info(f"initialised weights from {path} (vocab padded to {padded} rows for tensor_parallel {ctx.tp_size})")
