@@ -25,9 +25,6 @@ from megatron_aquila.trainer import TrainerParts, TrainingState
 
 logger = logging.getLogger("megatron_aquila")
 
-PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def build_model_chunks(config: Config, ctx: ParallelContext, device: Optional[torch.device] = None) -> list[AquilaModel]:
     """This rank's model chunks: one per virtual pipeline stage, layers assigned by partition.py."""
     p, vpp = config.parallel, config.parallel.virtual_pipeline_stages
@@ -37,7 +34,7 @@ def build_model_chunks(config: Config, ctx: ParallelContext, device: Optional[to
             layer_ids=chunk_layer_ids(config.model.num_layers, ctx.pp_size, vpp, ctx.pp_rank, chunk, p.pipeline_layers),
             pre_process=chunk_has_embedding(ctx.pp_rank, chunk),
             post_process=chunk_has_head(ctx.pp_rank, chunk, ctx.pp_size, vpp),
-            params_dtype=PARAM_DTYPES[config.precision.dtype], device=device or ctx.device, seed=config.training.seed,
+            params_dtype=config.precision.torch_dtype, device=device or ctx.device, seed=config.training.seed,
         )
         for chunk in range(vpp)
     ]

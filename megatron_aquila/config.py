@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
 from megatron_aquila.model.kernels import KERNEL_BACKENDS
@@ -129,6 +130,11 @@ class PrecisionConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000           # steps without overflow before the scale doubles
     hysteresis: int = 2                     # overflows tolerated before the scale halves
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The model parameters' (and pipeline activations') dtype."""
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
 
 
 @dataclass

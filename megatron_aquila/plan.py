@@ -102,7 +102,7 @@ def _planning_context(config: Config, world_size: int, tp_rank: int, pp_rank: in
 def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
     """Build every (TP rank, PP rank) chunk set on the meta device and count its parameters."""
     m, p = config.model, config.parallel
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision.dtype]
+    dtype = config.precision.torch_dtype
     ranks = []
     for tp_rank in range(p.tensor_parallel):
         tp_group = DescribedGroup(p.tensor_parallel, tp_rank) if p.tensor_parallel > 1 else None

@@ -69,7 +69,6 @@ class Trainer:
         self.config, self.ctx, self.parts, self.metrics = config, ctx, parts, metrics
         self.state = state or TrainingState()
         self.schedule = get_forward_backward_func(ctx.pp_size, config.parallel.virtual_pipeline_stages)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision.dtype]
         self.use_samples = config.training.train_samples is not None
         self.train_iters = (parts.batch_schedule.iterations_for(config.training.train_samples)
                             if self.use_samples else config.training.train_iters)
@@ -89,7 +88,7 @@ class Trainer:
             model_chunks=self.parts.model_chunks, grad_buffers=self.parts.grad_buffers, ctx=self.ctx,
             num_microbatches=num_microbatches, micro_batch_size=self.config.training.micro_batch_size,
             seq_length=model.seq_length, hidden_size=model.hidden_size,
-            sequence_parallel=self.config.parallel.sequence_parallel, activation_dtype=self.dtype,
+            sequence_parallel=self.config.parallel.sequence_parallel, activation_dtype=self.config.precision.torch_dtype,
             loss_scale=1.0 if forward_only else self.parts.optimizer.loss_scale, forward_only=forward_only,
         )
 
