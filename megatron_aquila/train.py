@@ -18,12 +18,18 @@ import torch
 import torch.distributed as dist
 
 from megatron_aquila.build import build_metrics, build_trainer_parts
+from megatron_aquila.checkpoint.hf_mapping import ConversionError
+from megatron_aquila.checkpoint.manager import CheckpointError
 from megatron_aquila.config import Config, ConfigError, load_config
 from megatron_aquila.cpu_runtime import keep_freed_memory, share_cpu_threads
+from megatron_aquila.data.indexed_dataset import IndexedDatasetError
 from megatron_aquila.parallel.context import ParallelContext, default_device
 from megatron_aquila.trainer import Trainer, TrainingState
 
 logger = logging.getLogger("megatron_aquila")
+
+# Errors about the run's inputs (data, checkpoints, weights), reported as one line.
+USER_ERRORS = (IndexedDatasetError, CheckpointError, ConversionError)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -82,6 +88,8 @@ def main(argv: Optional[list[str]] = None) -> TrainingState:
     save_resolved_config(config, ctx)
     try:
         return run(config, ctx)
+    except USER_ERRORS as error:  # bad input: the message says what, where and how to fix; no traceback
+        raise SystemExit(f"rank {ctx.rank}: {type(error).__name__}: {error}") from None
     finally:
         if dist.is_initialized():
             shut_down(ctx)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from megatron_aquila.config import load_config
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.trainer import NonFiniteLossError, Trainer
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
     "model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.num_kv_heads=2",
     "model.ffn_hidden_size=64", "model.seq_length=16", "model.vocab_size=64", "model.make_vocab_size_divisible_by=8",
@@ -67,3 +69,20 @@ def test_rampup_grows_the_batch_and_counts_samples():
     assert state.consumed_train_samples >= 40
     assert state.iteration == trainer.parts.batch_schedule.iterations_for(40) == len(state.history)
     assert state.iteration > 40 // 8, "the ramp-up must take more iterations than full batches would"
+
+
+def test_missing_dataset_is_one_clear_line(tmp_path, monkeypatch):
+    from megatron_aquila.train import main
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep the test process's setting
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "absent.yaml")])
+    assert "recipe" in str(stop.value) and "absent.yaml does not exist" in str(stop.value)
+    prefix = tmp_path / "nope_text_document"
+    with pytest.raises(SystemExit) as stop:
+        main([str(ROOT / "examples" / "tiny" / "tiny.yaml"), *SMALL, "data.mock=false",
+              f"data.data_path=[{prefix}]", "parallel.tensor_parallel=1", "parallel.sequence_parallel=false",
+              "parallel.distributed_optimizer=false", "training.train_iters=1", "checkpoint.load=null",
+              "checkpoint.save=null", "checkpoint.save_interval=null", "logging.output_dir=null"])
+    message = str(stop.value)
+    assert "IndexedDatasetError" in message and f"{prefix}.idx: file not found" in message, message
