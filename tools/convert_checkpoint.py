@@ -17,19 +17,23 @@ model.safetensors.index.json, and copies the tokenizer files when --tokenizer-di
 from-hf reads safetensors (or pytorch_model*.bin) weights and writes full_state.safetensors plus
 model.yaml (the recipe's ``model:`` section). Both write to a temporary directory and rename it
 when complete; an existing output is never overwritten. A ``--checkpoint`` is a save directory
-(its ``latest``) or one ``iter_*`` directory; its own resolved config gives the model shape.
+(its ``latest``) or one ``iter_*`` directory; its own resolved config gives the model shape. The
+export streams: tensors are read from the checkpoint one layer at a time and each safetensors
+shard is written as soon as it is full, so memory stays near one shard, not the whole model.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import re
 import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,10 +45,11 @@ from megatron_aquila.checkpoint.hf_mapping import (  # noqa: E402
     HF_DTYPES,
     MODEL_TYPES,
     ConversionError,
-    full_to_hf,
+    expected_hf_shapes,
     generation_config_dict,
     hf_config_dict,
     hf_to_full,
+    iter_hf_tensors,
     check_same_model,
     model_config_from_hf,
     token_ids_from_tokenizer,
@@ -88,26 +93,34 @@ class _StagingDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def write_safetensors_shards(tensors: Mapping[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
-    """model-0000k-of-0000N.safetensors (in name order, each <= max_shard_bytes unless one tensor is larger)
-    and model.safetensors.index.json mapping every tensor to its file."""
+def write_safetensors_shards(tensors: Iterable[tuple[str, torch.Tensor]], shapes: Mapping[str, tuple[int, ...]],
+                             element_size: int, directory: Path, max_shard_bytes: int) -> None:
+    """model-0000k-of-0000N.safetensors and model.safetensors.index.json, streaming.
+
+    The shards are planned from ``shapes`` (in order; each shard <= max_shard_bytes unless one
+    tensor is larger), then filled from ``tensors`` (the same names in the same order) and each
+    written as soon as it is complete, so only one shard is in memory at a time.
+    """
     from safetensors.torch import save_file
 
     shards: list[list[str]] = [[]]
     shard_bytes = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
+    for name, shape in shapes.items():
+        size = math.prod(shape) * element_size
         if shards[-1] and shard_bytes + size > max_shard_bytes:
             shards.append([])
             shard_bytes = 0
         shards[-1].append(name)
         shard_bytes += size
+    stream = iter(tensors)
     weight_map: dict[str, str] = {}
     for index, names in enumerate(shards):
         filename = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({name: tensors[name] for name in names}, str(directory / filename), metadata={"format": "pt"})
+        shard = dict(itertools.islice(stream, len(names)))
+        assert list(shard) == names, f"shard {filename}: planned {names[:3]}..., produced {list(shard)[:3]}..."
+        save_file(shard, str(directory / filename), metadata={"format": "pt"})
         weight_map.update({name: filename for name in names})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(math.prod(shape) * element_size for shape in shapes.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -119,10 +132,11 @@ def export_hf(full: Mapping[str, torch.Tensor], config: ModelConfig, output: str
     """Write the HF model directory of a full state dict (module docstring); returns ``output``."""
     ids = token_ids or token_ids_from_tokenizer(tokenizer_dir, config.vocab_size)
     hf_config = hf_config_dict(config, dtype=dtype, model_type=model_type, token_ids=ids)
-    tensors = full_to_hf(full, config, dtype=dtype)
+    tensors = iter_hf_tensors(full, config, dtype=dtype)  # lazy: one layer at a time
+    element_size = torch.empty((), dtype=dtype).element_size()
     output = Path(output)
     with _StagingDir(output) as tmp:
-        write_safetensors_shards(tensors, tmp, max_shard_bytes)
+        write_safetensors_shards(tensors, expected_hf_shapes(config), element_size, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config_dict(ids), indent=2) + "\n")
         if tokenizer_dir is not None:

@@ -154,6 +154,9 @@ class LazyFullState(Mapping[str, torch.Tensor]):
         transform = self._transforms.get(name)
         return tensor if transform is None else transform(tensor)
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle.get_slice(name).get_shape())
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
@@ -135,13 +135,19 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def tensor_shape(tensors: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    """A tensor's shape; lazy mappings (checkpoint and file readers) answer without reading it."""
+    shape_of = getattr(tensors, "shape_of", None)
+    return tuple(shape_of(name)) if shape_of is not None else tuple(tensors[name].shape)
+
+
 def check_names_and_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]],
                            source: str, hint: str) -> None:
     """Raise ConversionError listing missing, unexpected and mis-shaped tensors of ``source``."""
     missing = [name for name in expected if name not in tensors]
     unexpected = [name for name in tensors if name not in expected]
-    wrong = [f"{name}: expected {tuple(expected[name])}, got {tuple(tensors[name].shape)}"
-             for name in expected if name in tensors and tuple(tensors[name].shape) != tuple(expected[name])]
+    wrong = [f"{name}: expected {tuple(expected[name])}, got {tensor_shape(tensors, name)}"
+             for name in expected if name in tensors and tensor_shape(tensors, name) != tuple(expected[name])]
     problems = []
     if missing:
         more = " ..." if len(missing) > 8 else ""
@@ -159,7 +165,7 @@ def full_vocab_rows(full: Mapping[str, torch.Tensor], config: ModelConfig, sourc
     """The padded vocabulary size of a full state dict (rows of its embedding), checked."""
     if "embedding.weight" not in full:
         raise ConversionError(f"{source} has no embedding.weight")
-    rows = full["embedding.weight"].shape[0]
+    rows = tensor_shape(full, "embedding.weight")[0]
     if rows < config.vocab_size:
         raise ConversionError(f"{source}: embedding.weight has {rows} rows, fewer than model.vocab_size "
                               f"{config.vocab_size}; the weights belong to another model config")
@@ -178,12 +184,27 @@ def _permute_heads(weight: torch.Tensor, heads: int, to_halves: bool) -> torch.T
 def full_to_hf(full: Mapping[str, torch.Tensor], config: ModelConfig,
                dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """LlamaForCausalLM state dict (vocab padding trimmed) of a full state dict; every tensor owns its storage."""
+    return dict(iter_hf_tensors(full, config, dtype))
+
+
+def iter_hf_tensors(full: Mapping[str, torch.Tensor], config: ModelConfig,
+                    dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs in ``expected_hf_shapes`` order, reading ``full`` one layer at a time.
+
+    Names and shapes are checked before anything is read, so with a lazy ``full`` (a checkpoint
+    reader) a conversion holds about one layer in memory.
+    """
     padded = full_vocab_rows(full, config, "the full state dict")
     check_names_and_shapes(full, expected_full_shapes(config, padded), "the full state dict",
                            "Check that --config describes the model these weights were trained with.")
     n, g, d, h, v = (config.num_attention_heads, config.kv_heads, config.head_dim, config.hidden_size,
                      config.vocab_size)
-    hf: dict[str, torch.Tensor] = {"model.embed_tokens.weight": full["embedding.weight"][:v]}
+
+    def own(tensor: torch.Tensor) -> torch.Tensor:
+        # Copies: safetensors refuses views sharing storage (q, k, v are slices of one qkv tensor).
+        return tensor.to(dtype or tensor.dtype).clone(memory_format=torch.contiguous_format)
+
+    yield "model.embed_tokens.weight", own(full["embedding.weight"][:v])
     for i in range(config.num_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         qkv = full[src + "attention.qkv.weight"].view(g, n // g + 2, d, h)
@@ -192,21 +213,17 @@ def full_to_hf(full: Mapping[str, torch.Tensor], config: ModelConfig,
         if config.rope_interleaved:
             q, k = _permute_heads(q, n, to_halves=True), _permute_heads(k, g, to_halves=True)
         gate, up = full[src + "mlp.gate_up.weight"]
-        hf.update({
-            dst + "input_layernorm.weight": full[src + "input_norm.weight"],
-            dst + "self_attn.q_proj.weight": q,
-            dst + "self_attn.k_proj.weight": k,
-            dst + "self_attn.v_proj.weight": qkv[:, n // g + 1].reshape(g * d, h),
-            dst + "self_attn.o_proj.weight": full[src + "attention.dense.weight"],
-            dst + "post_attention_layernorm.weight": full[src + "post_attention_norm.weight"],
-            dst + "mlp.gate_proj.weight": gate,
-            dst + "mlp.up_proj.weight": up,
-            dst + "mlp.down_proj.weight": full[src + "mlp.down.weight"],
-        })
-    hf["model.norm.weight"] = full["final_norm.weight"]
-    hf["lm_head.weight"] = full["output_layer.weight"][:v]
-    # Copies: safetensors refuses views sharing storage (q, k, v are slices of one qkv tensor).
-    return {name: t.to(dtype or t.dtype).clone(memory_format=torch.contiguous_format) for name, t in hf.items()}
+        yield dst + "input_layernorm.weight", own(full[src + "input_norm.weight"])
+        yield dst + "self_attn.q_proj.weight", own(q)
+        yield dst + "self_attn.k_proj.weight", own(k)
+        yield dst + "self_attn.v_proj.weight", own(qkv[:, n // g + 1].reshape(g * d, h))
+        yield dst + "self_attn.o_proj.weight", own(full[src + "attention.dense.weight"])
+        yield dst + "post_attention_layernorm.weight", own(full[src + "post_attention_norm.weight"])
+        yield dst + "mlp.gate_proj.weight", own(gate)
+        yield dst + "mlp.up_proj.weight", own(up)
+        yield dst + "mlp.down_proj.weight", own(full[src + "mlp.down.weight"])
+    yield "model.norm.weight", own(full["final_norm.weight"])
+    yield "lm_head.weight", own(full["output_layer.weight"][:v])
 
 
 def resize_vocab(weight: torch.Tensor, vocab_size: int, padded_vocab: int) -> torch.Tensor:

@@ -23,8 +23,9 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -226,19 +227,42 @@ def load_checkpoint_into(model_chunks: Iterable[nn.Module], path: str | os.PathL
     return read_meta(resolved)
 
 
-def read_full_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The full (TP1, padded-vocab) model weights of a checkpoint, in one process, and its meta.json.
+class CheckpointModelTensors(Mapping[str, torch.Tensor]):
+    """The full (TP1, padded-vocab) model weights of a checkpoint as a lazy read-only mapping.
 
-    Reads the global shapes from the DCP metadata and loads every ``model.*`` tensor whole, so no
-    model needs to be built; memory: the model's size in fp32. Whatever layout saved it.
+    Names are parameter names (``layers.7.mlp.down.weight``); shapes come from the DCP metadata
+    (``shape_of`` reads nothing); each item is read from the shards only when asked, whatever
+    layout saved it, so a conversion can hold one layer at a time.
     """
+
+    def __init__(self, path: Path):
+        self.path = path
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        self._items = {key[len("model."):]: item for key, item in saved.items() if key.startswith("model.")}
+        if not self._items:
+            raise CheckpointError(f"checkpoint {path} holds no model.* tensors")
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self._items[name].size)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        item = self._items[name]
+        value = {f"model.{name}": torch.empty(tuple(item.size), dtype=item.properties.dtype)}
+        with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(value, checkpoint_id=str(self.path), no_dist=True)
+        return value[f"model.{name}"]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def read_full_state(path: str | os.PathLike) -> tuple[CheckpointModelTensors, dict[str, Any]]:
+    """The model weights of a checkpoint (lazily, see CheckpointModelTensors) and its meta.json."""
     resolved = resolve_checkpoint(path)
     if resolved is None:
         raise CheckpointError(f"{path} holds no checkpoint: expected a '{LATEST_FILE}' file or an iter_* directory")
-    saved = dcp.FileSystemReader(str(resolved)).read_metadata().state_dict_metadata
-    values = {key: torch.empty(tuple(item.size), dtype=item.properties.dtype)
-              for key, item in saved.items() if key.startswith("model.")}
-    if not values:
-        raise CheckpointError(f"checkpoint {resolved} holds no model.* tensors")
-    dcp.load(values, checkpoint_id=str(resolved), no_dist=True)
-    return {key[len("model."):]: value for key, value in values.items()}, read_meta(resolved)
+    return CheckpointModelTensors(resolved), read_meta(resolved)
