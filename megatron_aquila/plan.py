@@ -11,17 +11,36 @@ What it does, without a GPU and without allocating a single weight:
    never communicates, so the shards are exactly what that rank would hold.
 3. Memory per GPU (bytes): weights (2 per parameter in fp16/bf16, 4 in fp32), grads (the fp32 grad
    buffer, 4), optimizer state (fp32 master copy 4 unless the model is fp32, Adam m and v 8),
-   replicated or sharded over DP by the distributed optimizer, and activations after Korthikanti
-   et al. 2022 (16-bit activations; doubled for fp32), per layer per micro-batch with s seq length,
-   b micro batch, h hidden, a heads, t TP:
-       no TP                 s b h (34 + 5 a s / h)
-       TP, no SP             s b h (10 + 24/t + 5 a s / (h t))
-       TP + SP               s b h / t (34 + 5 a s / h)
-       selective recompute   the 5 a s / h term dropped (flash attention drops it too: no s x s scores)
-       full recompute        2 s b h per layer (its input; / t under SP) + one layer's working set
+   replicated or sharded over DP by the distributed optimizer, and activations: the bytes of the
+   tensors THIS code saves for backward (``activation_bytes_per_layer`` and friends), derived from
+   model/transformer.py, kernels.py, parallel/layers.py and cross_entropy.py and measured on CPU by
+   tests/test_activation_memory.py (saved_tensors_hooks, TP1 and TP2 with and without SP, fp32 and
+   bf16, every recompute mode: equal to the byte). Per layer per micro-batch, with s seq length,
+   b micro batch, h hidden, n heads, g kv heads, d head dim, f ffn width, t TP, s' = s/t under
+   sequence parallelism (else s), a = 2 (fp16/bf16) or 4 (fp32) bytes per activation:
+       recompute none        2 [(c + a) s' b h + 4 s' b]   two RMSNorms (torch kernel: c = 4, an fp32
+                                                          copy of the input or, in fp32, the input;
+                                                          apex/TE kernels: c = 0, input saved in its dtype;
+                                                          model.kernels=auto assumes apex/TE on the cluster)
+                           + 2 a s b h                    inputs of QKV and gate_up (all-gathered under SP)
+                           + a s b d (3n + 3g) / t        rotated q, rotated k, the whole fused QKV output
+                                                          (v is a strided view of it) and the attention output
+                           + 4 b s n / t                  attention logsumexp (flash: no s x s scores)
+                           + 4 a s b f / t                gate_up output [2f], silu(gate), silu(gate)*up
+       selective recompute   the same without the logsumexp: the checkpointed core keeps q, k, v as
+                             its inputs, and flash attention stores no scores to drop
+       full recompute        a s' b h (the block input) + one layer of "none" while it is recomputed
+       --no-flash-attention  adds the s x s probabilities a b n s^2 / t (an estimate, not measured);
+                             fp32 models get it too, since flash-attn needs fp16/bf16
+   First stage: the token ids (8 s b; 9 s b under TP). Last stage: the final norm, the output layer
+   input a s b h and the cross entropy's fp32 softmax of the local vocabulary shard 4 s b V/t
+   (+ 9 s b for its int64 targets and bool mask).
+   Later stages' received inputs (a s' b h) are held by the schedule when no kernel saves them.
    Pipeline rank r keeps the activations of its in-flight micro-batches: min(m, pp - r) with 1F1B
    (the first stage holds pp), min(m v, 2 (pp - r - 1) + (v - 1) pp + 1) chunk micro-batches when
-   interleaved with v chunks. The last stage adds the output layer and loss, 4 s b h / t (1 + V / h).
+   interleaved with v chunks. Still estimates: allocator fragmentation, temporaries (logits and
+   their fp32 upcast, all-gather buffers, kernel workspaces), CUDA context and NCCL buffers; the
+   10% reserve (RESERVED_FRACTION) stands for them.
 4. FLOPs per iteration (``model.flops``, DESIGN.md section 6) and, at the given MFU against the
    GPU's dense bf16 peak, the iteration time, tokens/s/GPU and run length in days.
 """
@@ -39,6 +58,7 @@ from megatron_aquila.config import Config, ConfigError, load_config
 from megatron_aquila.metrics import GPU_PEAK_TFLOPS
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.model.flops import flops_per_iteration, num_parameters
+from megatron_aquila.model.kernels import KernelChoice
 from megatron_aquila.parallel.context import DescribedGroup, ParallelContext, ProcessGroup
 from megatron_aquila.parallel.pipeline.partition import chunk_has_embedding, chunk_has_head, chunk_layer_ids
 
@@ -116,7 +136,8 @@ def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
                     m, ctx, sequence_parallel=p.sequence_parallel, recompute=config.training.recompute,
                     layer_ids=ids, pre_process=chunk_has_embedding(pp_rank, chunk),
                     post_process=chunk_has_head(pp_rank, chunk, p.pipeline_parallel, p.virtual_pipeline_stages),
-                    params_dtype=dtype, device="meta", seed=config.training.seed)
+                    params_dtype=dtype, device="meta", seed=config.training.seed,
+                    kernels=KernelChoice(attention="torch-sdpa", norm="torch"))  # no effect on parameters
                 layer_ids.append(ids)
                 for param in model.parameters():
                     if getattr(param, "tensor_model_parallel", False):
@@ -127,19 +148,95 @@ def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
     return ranks
 
 
-def activation_bytes_per_layer(config: Config, *, scores_stored: bool) -> float:
-    """Korthikanti et al. 2022 activation bytes of one layer for one micro-batch (module docstring)."""
-    m, p = config.model, config.parallel
-    s, b, h, a = m.seq_length, config.training.micro_batch_size, m.hidden_size, m.num_attention_heads
-    t, sp = p.tensor_parallel, p.sequence_parallel and p.tensor_parallel > 1
-    recompute = config.training.recompute
-    scale = 2.0 if config.precision.dtype == "fp32" else 1.0  # the paper counts 16-bit activations
+@dataclass(frozen=True)
+class ActivationShape:
+    """What the saved-activation bytes of one micro-batch depend on (module docstring, step 3)."""
+
+    seq_length: int           # s
+    micro_batch: int          # b
+    hidden: int               # h
+    heads: int                # n (all ranks)
+    kv_heads: int             # g (all ranks)
+    head_dim: int             # d
+    ffn: int                  # f (all ranks)
+    padded_vocab: int         # V (all ranks)
+    tp: int                   # t
+    sequence_parallel: bool   # norms on s/t, all-gathered inputs saved by the column layers
+    recompute: str            # none | selective | full
+    dtype_bytes: int          # a: 2 for fp16/bf16 activations, 4 for fp32
+    # torch RMSNorm kernel: saves the fp32 input (a copy in fp16/bf16) and the normalised tensor; False for
+    # apex/TE (the input in its dtype), which model.kernels=auto picks on a CUDA node where either is installed
+    norm_fp32_copy: bool = True
+    attention_saves_scores: bool = False  # math attention: s x s probabilities kept (estimate only)
+
+    @classmethod
+    def from_config(cls, config: Config, *, attention_saves_scores: bool = False) -> "ActivationShape":
+        m, p = config.model, config.parallel
+        return cls(
+            seq_length=m.seq_length, micro_batch=config.training.micro_batch_size, hidden=m.hidden_size,
+            heads=m.num_attention_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, ffn=m.ffn_size,
+            padded_vocab=m.padded_vocab_size(p.tensor_parallel), tp=p.tensor_parallel,
+            sequence_parallel=p.sequence_parallel and p.tensor_parallel > 1, recompute=config.training.recompute,
+            dtype_bytes=MODEL_DTYPE_BYTES[config.precision.dtype],
+            norm_fp32_copy=m.kernels == "torch",
+            attention_saves_scores=attention_saves_scores)
+
+    @property
+    def norm_seq(self) -> int:
+        """s': the sequence length an RMSNorm (and the residual stream) sees on this rank."""
+        return self.seq_length // self.tp if self.sequence_parallel else self.seq_length
+
+
+def rms_norm_activation_bytes(shape: ActivationShape) -> int:
+    """One RMSNorm: fp32 input (torch kernel: an fp32 copy, or the fp32 input itself) and the normalised
+    tensor (torch kernel), or just the input in its dtype (apex/TE), plus the fp32 rstd [s', b, 1]."""
+    a, rows = shape.dtype_bytes, shape.norm_seq * shape.micro_batch
+    per_element = 4 + a if shape.norm_fp32_copy else a
+    return per_element * rows * shape.hidden + 4 * rows
+
+
+def activation_bytes_per_layer(shape: ActivationShape, recompute: Optional[str] = None) -> int:
+    """Bytes one decoder layer saves for backward for one micro-batch (module docstring, step 3)."""
+    recompute = recompute or shape.recompute
+    s, b, h, t, a = shape.seq_length, shape.micro_batch, shape.hidden, shape.tp, shape.dtype_bytes
+    n, g, d, f = shape.heads, shape.kv_heads, shape.head_dim, shape.ffn
     if recompute == "full":
-        return scale * 2 * s * b * h / (t if sp else 1)
-    scores = 5 * a * s / h if (recompute == "none" and scores_stored) else 0.0
-    if sp or t == 1:
-        return scale * s * b * h / t * (34 + scores)
-    return scale * s * b * h * (10 + 24 / t + scores / t)
+        return a * shape.norm_seq * b * h  # the checkpoint's input; the layer itself is replayed in backward
+    norms = 2 * rms_norm_activation_bytes(shape)
+    column_inputs = 2 * a * s * b * h  # QKV and gate_up inputs: [s, b, h] (all-gathered under SP)
+    attention = a * s * b * d * (3 * n + 3 * g) // t  # rotated q [n d], rotated k [g d], QKV [(n+2g) d], out [n d]
+    if recompute == "none":
+        attention += 4 * b * n * s // t  # logsumexp [b, n/t, s] fp32
+    if shape.attention_saves_scores and recompute == "none":
+        attention += a * b * n * s * s // t  # softmax probabilities [b, n/t, s, s]
+    mlp = 4 * a * s * b * f // t  # gate_up output [s, b, 2f/t], silu(gate) and its product with up [s, b, f/t]
+    return norms + column_inputs + attention + mlp
+
+
+def embedding_activation_bytes(shape: ActivationShape) -> int:
+    """First stage: the token ids [b, s] int64 (TP > 1: the shard-local ids int64 and the out-of-shard mask bool)."""
+    s, b = shape.seq_length, shape.micro_batch
+    return 9 * s * b if shape.tp > 1 else 8 * s * b
+
+
+def head_activation_bytes(shape: ActivationShape) -> int:
+    """Last stage: final RMSNorm, the output layer's input [s, b, h] and the vocab-parallel cross entropy's
+    fp32 softmax [s, b, V/t] with its local targets (int64) and out-of-shard mask (bool)."""
+    s, b, h, a = shape.seq_length, shape.micro_batch, shape.hidden, shape.dtype_bytes
+    return (rms_norm_activation_bytes(shape) + a * s * b * h
+            + 4 * s * b * shape.padded_vocab // shape.tp + 9 * s * b)
+
+
+def rotary_table_bytes(shape: ActivationShape) -> int:
+    """cos and sin [s, d/2] fp32, cached once per model chunk and saved by every layer's rotary."""
+    return 4 * shape.seq_length * shape.head_dim
+
+
+def stage_input_bytes(shape: ActivationShape) -> int:
+    """A later stage's received input [s', b, h], held by the schedule for its grad; 0 when the first
+    layer already saves that very tensor (fp32 torch norm, apex/TE norm, or full recompute)."""
+    saved_by_layer = shape.recompute == "full" or not shape.norm_fp32_copy or shape.dtype_bytes == 4
+    return 0 if saved_by_layer else shape.dtype_bytes * shape.norm_seq * shape.micro_batch * shape.hidden
 
 
 def in_flight_microbatches(config: Config, world_size: int, pp_rank: int) -> float:
@@ -171,21 +268,24 @@ class RankMemory:
         return self.weights + self.grads + optimizer + self.activations
 
 
-def rank_memory(config: Config, world_size: int, rank: RankParameters, *, scores_stored: bool) -> RankMemory:
-    m, p = config.model, config.parallel
+def rank_memory(config: Config, world_size: int, rank: RankParameters, shape: ActivationShape) -> RankMemory:
+    p = config.parallel
     n, dp = rank.total, config.data_parallel_size(world_size)
     dtype = config.precision.dtype
     optimizer_per_param = (0 if dtype == "fp32" else 4) + 8  # fp32 master (unless fp32 model) + Adam m, v
     layers = sum(len(ids) for ids in rank.chunk_layer_ids)
     in_flight = in_flight_microbatches(config, world_size, rank.pp_rank)
-    activations = in_flight * layers * activation_bytes_per_layer(config, scores_stored=scores_stored)
-    if config.training.recompute == "full" and layers:
+    per_microbatch = layers * activation_bytes_per_layer(shape)
+    if rank.pp_rank == 0:
+        per_microbatch += embedding_activation_bytes(shape)
+    chunks_receiving_input = p.virtual_pipeline_stages - (1 if rank.pp_rank == 0 else 0)
+    per_microbatch += chunks_receiving_input * stage_input_bytes(shape) / p.virtual_pipeline_stages
+    activations = in_flight * per_microbatch + p.virtual_pipeline_stages * rotary_table_bytes(shape)
+    if shape.recompute == "full" and layers:
         # the layer being recomputed holds its full activations during its backward
-        no_recompute = replace(config, training=replace(config.training, recompute="none"))
-        activations += activation_bytes_per_layer(no_recompute, scores_stored=scores_stored)
+        activations += activation_bytes_per_layer(shape, recompute="none")
     if rank.pp_rank == p.pipeline_parallel - 1:
-        s, b, h, t = m.seq_length, config.training.micro_batch_size, m.hidden_size, p.tensor_parallel
-        activations += 4 * s * b * h / t * (1 + m.padded_vocab_size(t) / h)
+        activations += head_activation_bytes(shape)
     return RankMemory(
         pp_rank=rank.pp_rank, parameters=n, weights=n * MODEL_DTYPE_BYTES[dtype], grads=n * 4.0,
         optimizer_replicated=n * float(optimizer_per_param),
@@ -206,7 +306,9 @@ def plan(config: Config, nodes: int, gpus_per_node: int, gpu: GpuSpec, mfu: floa
     tp, pp, vpp, dp = p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_stages, config.data_parallel_size(world)
     padded_vocab = m.padded_vocab_size(tp)
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-    scores_stored = not (flash_attention and config.precision.dtype in ("bf16", "fp16"))
+    # flash-attn needs fp16/bf16; otherwise count the s x s scores (the math attention path), as an estimate
+    shape = ActivationShape.from_config(
+        config, attention_saves_scores=not (flash_attention and config.precision.dtype in ("bf16", "fp16")))
     out = [f"layout: {nodes} nodes x {gpus_per_node} {gpu.name} = {world} GPUs; TP {tp} x PP {pp} (virtual {vpp}) "
            f"x DP {dp}; sequence parallel {p.sequence_parallel}; distributed optimizer {p.distributed_optimizer}",
            f"batch: micro {t.micro_batch_size} x DP {dp} x {microbatches} micro-batches = global "
@@ -235,7 +337,7 @@ def plan(config: Config, nodes: int, gpus_per_node: int, gpu: GpuSpec, mfu: floa
     out.append(f"total parameters: {num_parameters(m):,} (vocab {m.vocab_size}); {analytic_padded:,} with the "
                f"vocab padded to {padded_vocab}")
 
-    memories = [rank_memory(config, world, r, scores_stored=scores_stored) for r in ranks if r.tp_rank == 0]
+    memories = [rank_memory(config, world, r, shape) for r in ranks if r.tp_rank == 0]
     out.append(f"memory per GPU (largest TP rank of each PP rank; weights {config.precision.dtype}, fp32 grad buffer, "
                f"fp32 master + Adam m,v):")
     for mem in memories:
@@ -243,10 +345,15 @@ def plan(config: Config, nodes: int, gpus_per_node: int, gpu: GpuSpec, mfu: floa
                    f"{_gib(mem.optimizer_replicated)} replicated, {_gib(mem.optimizer_sharded)} sharded over DP {dp} | "
                    f"activations {_gib(mem.activations)} ({mem.in_flight:g} micro-batches in flight)")
     worst = max(memories, key=lambda mem: mem.total(p.distributed_optimizer))
-    out.append(f"activations: Korthikanti et al. 2022 (GPT shape: 4h GeLU MLP, multi-head attention); Aquila's "
-               f"SwiGLU (ffn {m.ffn_size}) and GQA ({m.kv_heads} kv heads) differ, so treat it as an estimate; "
-               f"recompute {t.recompute}; attention scores "
-               + ("stored (5as/h term kept)" if scores_stored else "not stored (flash attention, 5as/h term dropped)"))
+    out.append(f"activations: the tensors this code saves for backward (derived from the model code, measured on CPU "
+               f"by tests/test_activation_memory.py): {_gib(activation_bytes_per_layer(shape))} per layer per "
+               f"micro-batch; recompute {t.recompute}; RMSNorm "
+               + ("torch kernel (fp32 input and normalised saved)" if shape.norm_fp32_copy else
+                  f"apex/transformer-engine kernel assumed (model.kernels={m.kernels}; input saved in its dtype, "
+                  f"taken from their source, not measured; the torch kernel would make it "
+                  f"{_gib(activation_bytes_per_layer(replace(shape, norm_fp32_copy=True))).strip()})")
+               + "; attention " + ("math path, s x s scores stored (estimate, not measured)"
+                                   if shape.attention_saves_scores else "flash (no s x s scores stored)"))
     total_dist, total_repl = worst.total(True), worst.total(False)
     out.append(f"peak memory per GPU (pp {worst.pp_rank}): {_gib(total_dist)} with the distributed optimizer, "
                f"{_gib(total_repl)} without")

@@ -1,0 +1,116 @@
+"""The planner's activation formula (plan.py) against the tensors autograd really saves.
+
+A forward runs under ``torch.autograd.graph.saved_tensors_hooks``; every saved tensor's storage is
+counted once (views of one storage share it: v is a strided view of the fused QKV output, gate and
+up are halves of the gate_up output) and parameters are left out. The bytes of a 2-layer model
+minus those of a 1-layer model are one layer's; the 1-layer model's rest is the embedding, the
+final norm + output layer + cross entropy, and the rotary tables. Measured on CPU, where
+torch SDPA takes its flash kernel (q, k, v, out and a logsumexp saved, no s x s scores), the
+case the formula models; the test checks that no s x s tensor is saved. Exact equality: the
+formula counts every saved tensor down to the int64 targets and the bool masks.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from megatron_aquila import plan
+from megatron_aquila.config import ModelConfig
+from megatron_aquila.model.aquila import AquilaModel
+from megatron_aquila.parallel.context import ParallelContext
+
+# s=16 is not d=16 to keep shapes apart: d = 64 / 4 = 16, so s = 24; n=4 query heads over g=2 kv heads.
+SEQ, BATCH, HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 24, 3, 64, 4, 2, 96, 1000
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _model_config(layers: int) -> ModelConfig:
+    return ModelConfig(num_layers=layers, hidden_size=HIDDEN, num_attention_heads=HEADS, num_kv_heads=KV_HEADS,
+                       ffn_hidden_size=FFN, seq_length=SEQ, vocab_size=VOCAB, make_vocab_size_divisible_by=16,
+                       kernels="torch")
+
+
+def _saved_bytes(model: AquilaModel, ids: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(bytes of distinct non-parameter storages saved for backward, largest trailing s x s count)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+    square = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        if tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] == SEQ:
+            square[0] += 1
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(ids, labels=labels)
+    loss.sum().backward()  # the graph is sound: everything it needed was kept
+    return sum(storages.values()), square[0]
+
+
+def _measure(ctx: ParallelContext, dtype: str, recompute: str, sequence_parallel: bool) -> dict[str, int]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    measured = {}
+    for layers in (1, 2):
+        model = AquilaModel(_model_config(layers), ctx, sequence_parallel=sequence_parallel, recompute=recompute,
+                            params_dtype=DTYPES[dtype], device="cpu")
+        measured[layers], square = _saved_bytes(model, ids, labels)
+        assert square == 0, f"{square} saved tensors end in [{SEQ}, {SEQ}]: attention scores stored (math path)"
+    layer = measured[2] - measured[1]
+    return {"layer": layer, "rest": measured[1] - layer}
+
+
+def _formula(tp: int, dtype: str, recompute: str, sequence_parallel: bool) -> dict[str, int]:
+    config = _model_config(1)
+    shape = plan.ActivationShape(
+        seq_length=SEQ, micro_batch=BATCH, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=HIDDEN // HEADS,
+        ffn=FFN, padded_vocab=config.padded_vocab_size(tp), tp=tp, sequence_parallel=sequence_parallel and tp > 1,
+        recompute=recompute, dtype_bytes=4 if dtype == "fp32" else 2, norm_fp32_copy=True)
+    rest = (plan.embedding_activation_bytes(shape) + plan.head_activation_bytes(shape)
+            + plan.rotary_table_bytes(shape))
+    if shape.sequence_parallel and (dtype == "fp32" or recompute == "full"):
+        # Gloo only: mappings._reduce_scatter_dim0 returns narrow(0).contiguous() of its all-reduced [s, b, h]
+        # buffer, a view that keeps the whole buffer alive; NCCL's reduce-scatter allocates [s/t, b, h]. The
+        # embedding output is that tensor, and layer 0 saves it (fp32 RMSNorm input, or the checkpoint input).
+        rest += shape.dtype_bytes * (SEQ - SEQ // tp) * BATCH * HIDDEN
+    return {"layer": plan.activation_bytes_per_layer(shape), "rest": rest}
+
+
+CASES = [(dtype, recompute) for dtype in DTYPES for recompute in ("none", "selective", "full")]
+
+
+@pytest.mark.parametrize("dtype, recompute", CASES)
+def test_saved_activations_equal_formula_tp1(dtype, recompute):
+    measured = _measure(ParallelContext.single_process(), dtype, recompute, sequence_parallel=False)
+    assert measured == _formula(1, dtype, recompute, False), (dtype, recompute)
+
+
+def _tp_worker(rank: int, world_size: int) -> dict:
+    ctx = ParallelContext.initialize(world_size, 1)
+    return {(dtype, recompute, sp): _measure(ctx, dtype, recompute, sp)
+            for dtype, recompute in CASES for sp in (False, True)}
+
+
+def test_saved_activations_equal_formula_tp2_with_and_without_sequence_parallel():
+    per_rank = run_distributed(_tp_worker, world_size=2)
+    assert per_rank[0] == per_rank[1]
+    wrong = {case: (got, _formula(2, *case)) for case, got in per_rank[0].items() if got != _formula(2, *case)}
+    assert not wrong, f"(dtype, recompute, sequence parallel): (measured, formula) {wrong}"
+
+
+def test_formula_against_hand_count_for_aquila2_34b_layer():
+    """An independent hand count of one 34B layer (TP4, SP, bf16, micro batch 1, torch RMSNorm)."""
+    s, b, h, n, g, d, f, t = 4096, 1, 6144, 48, 8, 128, 24576, 4
+    shape = plan.ActivationShape(seq_length=s, micro_batch=b, hidden=h, heads=n, kv_heads=g, head_dim=d, ffn=f,
+                                 padded_vocab=100096, tp=t, sequence_parallel=True, recompute="none", dtype_bytes=2)
+    norm = (s // t) * b * h * (4 + 2) + (s // t) * b * 4            # fp32 copy + bf16 normalised + rstd
+    gathered = s * b * h * 2                                        # all-gathered input of QKV / gate_up
+    qkv, q, k, out = [s * b * width * 2 for width in ((n + 2 * g) * d // t, n * d // t, g * d // t, n * d // t)]
+    lse = b * (n // t) * s * 4
+    mlp = s * b * (2 * f // t) * 2 + 2 * s * b * (f // t) * 2      # gate_up output, silu(gate), product
+    assert plan.activation_bytes_per_layer(shape) == 2 * norm + 2 * gathered + qkv + q + k + out + lse + mlp
