@@ -18,24 +18,25 @@ What it does, without a GPU and without allocating a single weight:
    bf16, every recompute mode: equal to the byte). Per layer per micro-batch, with s seq length,
    b micro batch, h hidden, n heads, g kv heads, d head dim, f ffn width, t TP, s' = s/t under
    sequence parallelism (else s), a = 2 (fp16/bf16) or 4 (fp32) bytes per activation:
-       recompute none        2 [(c + a) s' b h + 4 s' b]   two RMSNorms (torch kernel: c = 4, an fp32
-                                                          copy of the input or, in fp32, the input;
-                                                          apex/TE kernels: c = 0, input saved in its dtype;
-                                                          model.kernels=auto assumes apex/TE on the cluster)
-                           + 2 a s b h                    inputs of QKV and gate_up (all-gathered under SP)
-                           + a s b d (3n + 3g) / t        rotated q, rotated k, the whole fused QKV output
-                                                          (v is a strided view of it) and the attention output
+       recompute none        2 [a s' b h + 4 s' b]         two RMSNorms: the input in its dtype and the fp32
+                                                          rstd (torch, apex and TE kernels alike)
+                           + 2 a s' b h                   inputs of QKV and gate_up (under SP the sequence
+                                                          shard, all-gathered again in backward)
+                           + a s b d (2n + 2g) / t        rotated q, rotated k, v (a contiguous copy, so the
+                                                          fused QKV output is freed) and the attention output
                            + 4 b s n / t                  attention logsumexp (flash: no s x s scores)
-                           + 4 a s b f / t                gate_up output [2f], silu(gate), silu(gate)*up
+                           + 3 a s b f / t                gate_up output [2f] (SwiGLU recomputes silu in
+                                                          backward) and silu(gate)*up
        selective recompute   the same without the logsumexp: the checkpointed core keeps q, k, v as
                              its inputs, and flash attention stores no scores to drop
        full recompute        a s' b h (the block input) + one layer of "none" while it is recomputed
        --no-flash-attention  adds the s x s probabilities a b n s^2 / t (an estimate, not measured);
                              fp32 models get it too, since flash-attn needs fp16/bf16
    First stage: the token ids (8 s b; 9 s b under TP). Last stage: the final norm, the output layer
-   input a s b h and the cross entropy's fp32 softmax of the local vocabulary shard 4 s b V/t
+   input a s' b h and the cross entropy's fp32 softmax of the local vocabulary shard 4 s b V/t
    (+ 9 s b for its int64 targets and bool mask).
-   Later stages' received inputs (a s' b h) are held by the schedule when no kernel saves them.
+   Later stages' received inputs (a s' b h) cost nothing extra: the first layer's norm (or the full
+   recompute checkpoint) saves that very tensor.
    Pipeline rank r keeps the activations of its in-flight micro-batches: min(m, pp - r) with 1F1B
    (the first stage holds pp), min(m v, 2 (pp - r - 1) + (v - 1) pp + 1) chunk micro-batches when
    interleaved with v chunks. Still estimates: allocator fragmentation, temporaries (logits and
@@ -49,7 +50,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -161,12 +162,9 @@ class ActivationShape:
     ffn: int                  # f (all ranks)
     padded_vocab: int         # V (all ranks)
     tp: int                   # t
-    sequence_parallel: bool   # norms on s/t, all-gathered inputs saved by the column layers
+    sequence_parallel: bool   # norms and the inputs saved by the column layers on s/t
     recompute: str            # none | selective | full
     dtype_bytes: int          # a: 2 for fp16/bf16 activations, 4 for fp32
-    # torch RMSNorm kernel: saves the fp32 input (a copy in fp16/bf16) and the normalised tensor; False for
-    # apex/TE (the input in its dtype), which model.kernels=auto picks on a CUDA node where either is installed
-    norm_fp32_copy: bool = True
     attention_saves_scores: bool = False  # math attention: s x s probabilities kept (estimate only)
 
     @classmethod
@@ -178,7 +176,6 @@ class ActivationShape:
             padded_vocab=m.padded_vocab_size(p.tensor_parallel), tp=p.tensor_parallel,
             sequence_parallel=p.sequence_parallel and p.tensor_parallel > 1, recompute=config.training.recompute,
             dtype_bytes=MODEL_DTYPE_BYTES[config.precision.dtype],
-            norm_fp32_copy=m.kernels == "torch",
             attention_saves_scores=attention_saves_scores)
 
     @property
@@ -188,11 +185,9 @@ class ActivationShape:
 
 
 def rms_norm_activation_bytes(shape: ActivationShape) -> int:
-    """One RMSNorm: fp32 input (torch kernel: an fp32 copy, or the fp32 input itself) and the normalised
-    tensor (torch kernel), or just the input in its dtype (apex/TE), plus the fp32 rstd [s', b, 1]."""
+    """One RMSNorm: the input [s', b, h] in its dtype and the fp32 rstd [s', b, 1] (torch, apex and TE kernels)."""
     a, rows = shape.dtype_bytes, shape.norm_seq * shape.micro_batch
-    per_element = 4 + a if shape.norm_fp32_copy else a
-    return per_element * rows * shape.hidden + 4 * rows
+    return a * rows * shape.hidden + 4 * rows
 
 
 def activation_bytes_per_layer(shape: ActivationShape, recompute: Optional[str] = None) -> int:
@@ -203,13 +198,13 @@ def activation_bytes_per_layer(shape: ActivationShape, recompute: Optional[str] 
     if recompute == "full":
         return a * shape.norm_seq * b * h  # the checkpoint's input; the layer itself is replayed in backward
     norms = 2 * rms_norm_activation_bytes(shape)
-    column_inputs = 2 * a * s * b * h  # QKV and gate_up inputs: [s, b, h] (all-gathered under SP)
-    attention = a * s * b * d * (3 * n + 3 * g) // t  # rotated q [n d], rotated k [g d], QKV [(n+2g) d], out [n d]
+    column_inputs = 2 * a * shape.norm_seq * b * h  # QKV and gate_up inputs [s', b, h] (the shard under SP)
+    attention = a * s * b * d * (2 * n + 2 * g) // t  # rotated q [n d], rotated k [g d], v [g d], out [n d]
     if recompute == "none":
         attention += 4 * b * n * s // t  # logsumexp [b, n/t, s] fp32
     if shape.attention_saves_scores and recompute == "none":
         attention += a * b * n * s * s // t  # softmax probabilities [b, n/t, s, s]
-    mlp = 4 * a * s * b * f // t  # gate_up output [s, b, 2f/t], silu(gate) and its product with up [s, b, f/t]
+    mlp = 3 * a * s * b * f // t  # gate_up output [s, b, 2f/t] and silu(gate) * up [s, b, f/t]
     return norms + column_inputs + attention + mlp
 
 
@@ -220,23 +215,16 @@ def embedding_activation_bytes(shape: ActivationShape) -> int:
 
 
 def head_activation_bytes(shape: ActivationShape) -> int:
-    """Last stage: final RMSNorm, the output layer's input [s, b, h] and the vocab-parallel cross entropy's
+    """Last stage: final RMSNorm, the output layer's input [s', b, h] and the vocab-parallel cross entropy's
     fp32 softmax [s, b, V/t] with its local targets (int64) and out-of-shard mask (bool)."""
     s, b, h, a = shape.seq_length, shape.micro_batch, shape.hidden, shape.dtype_bytes
-    return (rms_norm_activation_bytes(shape) + a * s * b * h
+    return (rms_norm_activation_bytes(shape) + a * shape.norm_seq * b * h
             + 4 * s * b * shape.padded_vocab // shape.tp + 9 * s * b)
 
 
 def rotary_table_bytes(shape: ActivationShape) -> int:
     """cos and sin [s, d/2] fp32, cached once per model chunk and saved by every layer's rotary."""
     return 4 * shape.seq_length * shape.head_dim
-
-
-def stage_input_bytes(shape: ActivationShape) -> int:
-    """A later stage's received input [s', b, h], held by the schedule for its grad; 0 when the first
-    layer already saves that very tensor (fp32 torch norm, apex/TE norm, or full recompute)."""
-    saved_by_layer = shape.recompute == "full" or not shape.norm_fp32_copy or shape.dtype_bytes == 4
-    return 0 if saved_by_layer else shape.dtype_bytes * shape.norm_seq * shape.micro_batch * shape.hidden
 
 
 def in_flight_microbatches(config: Config, world_size: int, pp_rank: int) -> float:
@@ -278,8 +266,6 @@ def rank_memory(config: Config, world_size: int, rank: RankParameters, shape: Ac
     per_microbatch = layers * activation_bytes_per_layer(shape)
     if rank.pp_rank == 0:
         per_microbatch += embedding_activation_bytes(shape)
-    chunks_receiving_input = p.virtual_pipeline_stages - (1 if rank.pp_rank == 0 else 0)
-    per_microbatch += chunks_receiving_input * stage_input_bytes(shape) / p.virtual_pipeline_stages
     activations = in_flight * per_microbatch + p.virtual_pipeline_stages * rotary_table_bytes(shape)
     if shape.recompute == "full" and layers:
         # the layer being recomputed holds its full activations during its backward
@@ -347,11 +333,8 @@ def plan(config: Config, nodes: int, gpus_per_node: int, gpu: GpuSpec, mfu: floa
     worst = max(memories, key=lambda mem: mem.total(p.distributed_optimizer))
     out.append(f"activations: the tensors this code saves for backward (derived from the model code, measured on CPU "
                f"by tests/test_activation_memory.py): {_gib(activation_bytes_per_layer(shape))} per layer per "
-               f"micro-batch; recompute {t.recompute}; RMSNorm "
-               + ("torch kernel (fp32 input and normalised saved)" if shape.norm_fp32_copy else
-                  f"apex/transformer-engine kernel assumed (model.kernels={m.kernels}; input saved in its dtype, "
-                  f"taken from their source, not measured; the torch kernel would make it "
-                  f"{_gib(activation_bytes_per_layer(replace(shape, norm_fp32_copy=True))).strip()})")
+               f"micro-batch; recompute {t.recompute}; RMSNorm input saved in its dtype (torch kernel measured, "
+               f"apex/transformer-engine the same from their source)"
                + "; attention " + ("math path, s x s scores stored (estimate, not measured)"
                                    if shape.attention_saves_scores else "flash (no s x s scores stored)"))
     total_dist, total_repl = worst.total(True), worst.total(False)

@@ -1,9 +1,8 @@
 """The planner's activation formula (plan.py) against the tensors autograd really saves.
 
 A forward runs under ``torch.autograd.graph.saved_tensors_hooks``; every saved tensor's storage is
-counted once (views of one storage share it: v is a strided view of the fused QKV output, gate and
-up are halves of the gate_up output) and parameters are left out. The bytes of a 2-layer model
-minus those of a 1-layer model are one layer's; the 1-layer model's rest is the embedding, the
+counted once (views of one storage share it: gate and up are halves of the gate_up output) and
+parameters are left out. The bytes of a 2-layer model minus those of a 1-layer model are one layer's; the 1-layer model's rest is the embedding, the
 final norm + output layer + cross entropy, and the rotary tables. Measured on CPU, where
 torch SDPA takes its flash kernel (q, k, v, out and a logsumexp saved, no s x s scores), the
 case the formula models; the test checks that no s x s tensor is saved. Exact equality: the
@@ -70,14 +69,9 @@ def _formula(tp: int, dtype: str, recompute: str, sequence_parallel: bool) -> di
     shape = plan.ActivationShape(
         seq_length=SEQ, micro_batch=BATCH, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=HIDDEN // HEADS,
         ffn=FFN, padded_vocab=config.padded_vocab_size(tp), tp=tp, sequence_parallel=sequence_parallel and tp > 1,
-        recompute=recompute, dtype_bytes=4 if dtype == "fp32" else 2, norm_fp32_copy=True)
+        recompute=recompute, dtype_bytes=4 if dtype == "fp32" else 2)
     rest = (plan.embedding_activation_bytes(shape) + plan.head_activation_bytes(shape)
             + plan.rotary_table_bytes(shape))
-    if shape.sequence_parallel and (dtype == "fp32" or recompute == "full"):
-        # Gloo only: mappings._reduce_scatter_dim0 returns narrow(0).contiguous() of its all-reduced [s, b, h]
-        # buffer, a view that keeps the whole buffer alive; NCCL's reduce-scatter allocates [s/t, b, h]. The
-        # embedding output is that tensor, and layer 0 saves it (fp32 RMSNorm input, or the checkpoint input).
-        rest += shape.dtype_bytes * (SEQ - SEQ // tp) * BATCH * HIDDEN
     return {"layer": plan.activation_bytes_per_layer(shape), "rest": rest}
 
 
@@ -108,9 +102,9 @@ def test_formula_against_hand_count_for_aquila2_34b_layer():
     s, b, h, n, g, d, f, t = 4096, 1, 6144, 48, 8, 128, 24576, 4
     shape = plan.ActivationShape(seq_length=s, micro_batch=b, hidden=h, heads=n, kv_heads=g, head_dim=d, ffn=f,
                                  padded_vocab=100096, tp=t, sequence_parallel=True, recompute="none", dtype_bytes=2)
-    norm = (s // t) * b * h * (4 + 2) + (s // t) * b * 4            # fp32 copy + bf16 normalised + rstd
-    gathered = s * b * h * 2                                        # all-gathered input of QKV / gate_up
-    qkv, q, k, out = [s * b * width * 2 for width in ((n + 2 * g) * d // t, n * d // t, g * d // t, n * d // t)]
+    norm = (s // t) * b * h * 2 + (s // t) * b * 4                 # bf16 input + fp32 rstd
+    shard = (s // t) * b * h * 2                                    # sequence shard input of QKV / gate_up
+    q, k, v, out = [s * b * width * 2 for width in (n * d // t, g * d // t, g * d // t, n * d // t)]
     lse = b * (n // t) * s * 4
-    mlp = s * b * (2 * f // t) * 2 + 2 * s * b * (f // t) * 2      # gate_up output, silu(gate), product
-    assert plan.activation_bytes_per_layer(shape) == 2 * norm + 2 * gathered + qkv + q + k + out + lse + mlp
+    mlp = s * b * (2 * f // t) * 2 + s * b * (f // t) * 2           # gate_up output, silu(gate) * up
+    assert plan.activation_bytes_per_layer(shape) == 2 * norm + 2 * shard + q + k + v + out + lse + mlp

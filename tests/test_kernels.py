@@ -63,6 +63,43 @@ def test_torch_rms_norm(dtype):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
+def _plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The textbook formula through plain autograd, statistics in fp32 (fp64 stays fp64)."""
+    x_wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (x_wide * torch.rsqrt(x_wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def test_torch_rms_norm_gradient_is_the_derivative_of_its_forward():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, dtype=torch.float64, requires_grad=True)
+    weight = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+    torch.autograd.gradcheck(lambda x, w: kernels.build_rms_norm("torch")(x, w, 1e-5), (x, weight))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_torch_rms_norm_forward_and_backward_equal_plain_autograd(dtype, tol):
+    torch.manual_seed(0)
+    x, weight, grad = torch.randn(6, 2, 32).to(dtype), (torch.rand(32) + 0.5).to(dtype), torch.randn(6, 2, 32)
+    results = []
+    for norm in (kernels.build_rms_norm("torch"), _plain_rms_norm):
+        x_leaf, w_leaf = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = norm(x_leaf, w_leaf, 1e-5)
+        out.backward(grad.to(dtype))
+        assert out.dtype == x_leaf.grad.dtype == w_leaf.grad.dtype == dtype
+        results.append((out, x_leaf.grad, w_leaf.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_torch_rms_norm_saves_its_input_in_its_dtype_and_fp32_rstd_only():
+    x, weight = torch.randn(5, 2, 16, dtype=torch.bfloat16, requires_grad=True), torch.ones(16, dtype=torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.build_rms_norm("torch")(x, weight.requires_grad_(), 1e-5)
+    assert sorted((tuple(t.shape), t.dtype) for t in saved if t is not weight) == [
+        ((5, 2, 1), torch.float32), ((5, 2, 16), torch.bfloat16)]
+
+
 @pytest.mark.parametrize("backend, importable, attention, norm", [
     ("torch", ("flash_attn", "transformer_engine", "apex"), "torch-sdpa", "torch"),
     ("flash-attn", ("flash_attn",), "flash-attn", "torch"),

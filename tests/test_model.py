@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from megatron_aquila.config import ModelConfig
 from megatron_aquila.model.aquila import AquilaModel
-from megatron_aquila.model.transformer import apply_rotary
+from megatron_aquila.model.transformer import MLP, apply_rotary
 from megatron_aquila.parallel.context import ParallelContext
 
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2, ffn_hidden_size=96,
@@ -171,3 +171,38 @@ def test_bad_arguments_raise_clear_errors():
         _model()(labels=torch.zeros(2, 12, dtype=torch.long))
     meta = _model(device="meta")
     assert meta.output_layer.weight.is_meta
+
+
+def test_swiglu_gradient_is_the_derivative_of_its_forward():
+    torch.manual_seed(0)
+    gate_up = torch.randn(5, 2, 12, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(MLP.swiglu, (gate_up,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_forward_and_backward_equal_plain_autograd(dtype):
+    torch.manual_seed(0)
+    gate_up, grad = torch.randn(7, 3, 20).to(dtype), torch.randn(7, 3, 10).to(dtype)
+    fused, plain = gate_up.clone().requires_grad_(), gate_up.clone().requires_grad_()
+    out = MLP.swiglu(fused)
+    gate, up = plain.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    out.backward(grad)
+    ref.backward(grad)
+    assert out.dtype == fused.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(fused.grad, plain.grad, atol=tol, rtol=tol)
+    # and against the hand derivative: d silu(a)/da = sigmoid(a) (1 + a (1 - sigmoid(a)))
+    a, u, g = (t.double() for t in (gate_up[..., :10], gate_up[..., 10:], grad))
+    sig = torch.sigmoid(a)
+    hand = torch.cat([g * u * sig * (1 + a * (1 - sig)), g * a * sig], dim=-1)
+    torch.testing.assert_close(fused.grad.double(), hand, atol=tol * 4, rtol=tol * 4)
+
+
+def test_swiglu_saves_only_the_gate_up_output():
+    gate_up = torch.randn(4, 2, 8, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        MLP.swiglu(gate_up)
+    assert len(saved) == 1 and saved[0].untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr()

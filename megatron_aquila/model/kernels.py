@@ -3,7 +3,7 @@
 Attention: flash-attn (CUDA, fp16/bf16, package importable) > transformer-engine (CUDA,
 importable) > torch ``scaled_dot_product_attention`` (everywhere; causal; GQA natively).
 RMSNorm: apex ``fused_rms_norm_affine`` (CUDA, importable) > transformer-engine ``RMSNorm``
-(CUDA, importable) > torch (``F.rms_norm`` on the fp32-upcast input).
+(CUDA, importable) > torch (``_TorchRMSNorm``: fp32 statistics, saves the input in its own dtype).
 
 Attention kernels share one signature: q [s, b, n, d], k and v [s, b, g, d] (any strides with a
 unit last stride; n a multiple of g, query head i uses kv head i // (n/g)) -> [s, b, n*d].
@@ -138,11 +138,39 @@ def build_attention(name: str, num_heads: int, num_kv_heads: int, head_dim: int,
     raise ValueError(f"unknown attention kernel {name!r}; choose torch-sdpa, flash-attn or transformer-engine")
 
 
+class _TorchRMSNorm(torch.autograd.Function):
+    """y = x_hat * w with x_hat = x * r, r = 1 / sqrt(mean(x^2) + eps) over the last dim (h).
+
+    Forward in fp32: r [..., 1] and x_hat are fp32, x_hat is rounded to x's dtype before the
+    product with w (in x's dtype), as ``F.rms_norm(x.float()).to(dtype) * w`` does.
+    Backward, with g = dL/dy and gw = g * w (fp32):
+        dw = sum over rows of g * x_hat,   dx = r * (gw - x_hat * mean(gw * x_hat)).
+    Saved for backward: x in its own dtype, w and r [..., 1] fp32; x_hat is recomputed (apex's
+    ``fused_rms_norm_affine`` saves the same), instead of an fp32 copy of x plus x_hat.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 (fp64 stays fp64)
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))  # [..., 1] fp32
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd).to(x.dtype) * weight  # [..., h]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd  # x_hat [..., h] fp32
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed.to(x.dtype)).reshape(-1, weight.shape[0]).sum(0)  # [h]
+        grad_normed = (grad * weight).to(rstd.dtype)  # gw
+        mean = (grad_normed * normed).mean(-1, keepdim=True)  # [..., 1]
+        grad_input = grad_normed.sub_(normed.mul_(mean)).mul_(rstd).to(x.dtype)
+        return grad_input, grad_weight, None
+
+
 def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
-    normed = F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)  # statistics in fp32
-    return normed * weight
+    return _TorchRMSNorm.apply(x, weight, eps)
 
 
 def _apex_rms_norm() -> NormFn:

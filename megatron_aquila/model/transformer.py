@@ -177,12 +177,40 @@ class Attention(nn.Module):
         q = apply_rotary(qkv[:, :, :, :self.heads_per_group], cos, sin, self.interleaved)
         q = q.view(s, b, self.local_heads, self.head_dim)  # [s, b, n/tp, d]
         k = apply_rotary(qkv[:, :, :, self.heads_per_group], cos, sin, self.interleaved)  # [s, b, g/tp, d]
-        v = qkv[:, :, :, self.heads_per_group + 1]  # [s, b, g/tp, d] (strided view)
+        # A copy: attention saves v, and a strided view would keep the whole fused QKV output alive.
+        v = qkv[:, :, :, self.heads_per_group + 1].contiguous()  # [s, b, g/tp, d]
         if self.selective_recompute and torch.is_grad_enabled():
             context = _checkpoint(self._core, self.rng, q, k, v)
         else:
             context = self._core(q, k, v)
         return self.dense(context)  # [s, b, h] ([s/tp, b, h] under SP)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """y = silu(a) * u for gate_up = [a, u] split in halves along the last dim (Megatron-LM's
+    ``bias_swiglu`` without bias), silu(a) = a * sigmoid(a).
+
+    Backward, with g = dL/dy: du = g * silu(a), da = (g * u) * silu'(a) where
+    silu'(a) = sigmoid(a) * (1 + a * (1 - sigmoid(a))). Saved for backward: gate_up only;
+    silu(a) is recomputed, not kept (plain autograd would keep it besides gate_up).
+    The ops are those plain autograd runs (``aten.silu_backward`` for silu'), in the same dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)  # 2 x [s, b, f/tp]
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up, memory_format=torch.contiguous_format)  # [s, b, 2f/tp]
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_gate_up
 
 
 class MLP(nn.Module):
@@ -197,9 +225,13 @@ class MLP(nn.Module):
         self.down = RowParallelLinear(config.ffn_size, config.hidden_size, tp_group,
                                       sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
 
+    @staticmethod
+    def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of gate_up [..., 2f/tp] = [gate, up] -> [..., f/tp], saving only gate_up (``_SwiGLU``)."""
+        return _SwiGLU.apply(gate_up)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # 2 x [s, b, f/tp]
-        return self.down(F.silu(gate) * up)
+        return self.down(self.swiglu(self.gate_up(x)))  # [s, b, 2f/tp] -> [s, b, f/tp] -> [s, b, h]
 
 
 class TransformerBlock(nn.Module):

@@ -17,8 +17,9 @@ from torch import nn
 
 from megatron_aquila.parallel.context import ProcessGroup, group_rank, group_size
 from megatron_aquila.parallel.mappings import (
+    _all_gather_dim0,
+    _reduce_scatter_dim0,
     copy_to_tp,
-    gather_from_sequence_parallel,
     reduce_from_tp,
     reduce_scatter_to_sequence_parallel,
 )
@@ -46,13 +47,42 @@ def _divide(total: int, tp_size: int, what: str) -> int:
     return total // tp_size
 
 
+class _SequenceParallelColumnLinear(torch.autograd.Function):
+    """Y = all_gather(X_shard) A_r^T, saving only the sequence shard (Megatron-LM's
+    ``LinearWithGradAccumulationAndAsyncCommunication`` with sequence parallelism).
+
+    Forward: X = [X_1; ...; X_p] = all_gather(X_shard) along dim 0, Y = X A_r^T.
+    Backward: dA_r = dY^T all_gather(X_shard) (the input is gathered again instead of kept),
+    dX_shard = reduce_scatter(dY A_r) along dim 0 (every rank's Y_r depends on the whole X).
+    Saved for backward: X_shard [s/p, b, in], not the gathered [s, b, in].
+    """
+
+    @staticmethod
+    def forward(ctx, x_shard: torch.Tensor, weight: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        ctx.save_for_backward(x_shard, weight)
+        return F.linear(_all_gather_dim0(x_shard, group), weight)  # [s, b, out/p]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # grad [s, b, out/p]
+        x_shard, weight = ctx.saved_tensors
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            x = _all_gather_dim0(x_shard, ctx.group)  # [s, b, in]
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))  # [out/p, in]
+        if ctx.needs_input_grad[0]:
+            grad_input = _reduce_scatter_dim0(grad.matmul(weight), ctx.group)  # [s/p, b, in]
+        return grad_input, grad_weight, None
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A^T with A [out, in] split along its output dim: A = [A_1; ...; A_p].
 
     Rank r holds A_r [out/p, in] and computes Y_r = X A_r^T, the r-th column block of Y; the
     output stays split (the following RowParallelLinear consumes it). Input X enters through
     ``copy_to_tp`` (backward all-reduce), or under sequence parallelism as sequence shards
-    through ``gather_from_sequence_parallel`` (forward all-gather, backward reduce-scatter).
+    through ``_SequenceParallelColumnLinear`` (forward all-gather, backward reduce-scatter), which
+    saves the shard [s/p, b, in] for backward and all-gathers it again there.
 
     ``stack > 1`` holds several same-shape matrices fused in one matmul (SwiGLU gate and up):
     the weight is then 3-D [stack, out/p, in] with partition_dim 1, i.e. each rank holds its
@@ -77,12 +107,10 @@ class ColumnParallelLinear(nn.Module):
             nn.Parameter(torch.empty(shape, dtype=params_dtype, device=device)), partition_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel(x, self.tp_group)  # [s, b, in]
-        else:
-            x = copy_to_tp(x, self.tp_group)
         weight = self.weight.flatten(0, -2) if self.weight.dim() == 3 else self.weight
-        return F.linear(x, weight)  # [s, b, stack * out/p]
+        if self.sequence_parallel:  # x [s/p, b, in]
+            return _SequenceParallelColumnLinear.apply(x, weight, self.tp_group)  # [s, b, stack * out/p]
+        return F.linear(copy_to_tp(x, self.tp_group), weight)  # [s, b, stack * out/p]
 
 
 class RowParallelLinear(nn.Module):

@@ -31,10 +31,11 @@ def _check_divisible(x: torch.Tensor, dim: int, world: int, what: str) -> int:
 
 
 def _split(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
-    """This rank's chunk X_r of x along ``dim`` (a contiguous copy, so it owns its storage)."""
+    """This rank's chunk X_r of x along ``dim`` (a contiguous copy, so it owns its storage: a view, even a
+    contiguous one along dim 0, would keep all of x alive while X_r is saved for backward)."""
     world = group_size(group)
     chunk = _check_divisible(x, dim, world, "split")
-    return x.narrow(dim, group_rank(group) * chunk, chunk).contiguous()
+    return x.narrow(dim, group_rank(group) * chunk, chunk).clone(memory_format=torch.contiguous_format)
 
 
 def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
@@ -57,24 +58,17 @@ def _all_gather_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 
 
 def _reduce_scatter_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """Chunk r (along dim 0) of sum_r x_r."""
+    """Chunk r (along dim 0) of sum_r x_r, in a tensor that owns its storage ([s/p, ...], like NCCL's)."""
     world = group_size(group)
     chunk = _check_divisible(x, 0, world, "reduce-scatter")
     if _is_gloo(group):
         total = x.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(total, group=group)
-        return total.narrow(0, group_rank(group) * chunk, chunk).contiguous()
+        # A copy: narrow(0) alone is a contiguous view that would keep the whole [s, ...] sum alive.
+        return total.narrow(0, group_rank(group) * chunk, chunk).clone()
     out = x.new_empty((chunk,) + tuple(x.shape[1:]))
     _reduce_scatter_single(out, x.contiguous(), group=group)
     return out
-
-
-def _all_gather_last(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """[X_1, ..., X_p] concatenated along the last dim."""
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(group_size(group))]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=-1)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -103,28 +97,6 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_last(grad, ctx.group), None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, -1, ctx.group), None
-
-
 class _ScatterToSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -134,17 +106,6 @@ class _ScatterToSP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _all_gather_dim0(grad, ctx.group), None
-
-
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_dim0(grad, ctx.group), None
 
 
 class _ReduceScatterToSP(torch.autograd.Function):
@@ -177,32 +138,10 @@ def reduce_from_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
 
 
-def scatter_to_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """Forward: Y = X_r, chunk r of X split along the last dim. Backward: dL/dX = [G_1, ..., G_p]
-    (all-gather of the chunk gradients along the last dim)."""
-    return x if group_size(group) == 1 else _ScatterToTP.apply(x, group)
-
-
-def gather_from_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """Forward: Y = [X_1, ..., X_p] along the last dim (all-gather). Backward: dL/dX_r = chunk r
-    of dL/dY along the last dim."""
-    return x if group_size(group) == 1 else _GatherFromTP.apply(x, group)
-
-
 def scatter_to_sequence_parallel(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Forward: Y = X_r, chunk r of the replicated X along dim 0 (the sequence). Backward:
     dL/dX = [G_1; ...; G_p] (all-gather along dim 0)."""
     return x if group_size(group) == 1 else _ScatterToSP.apply(x, group)
-
-
-def gather_from_sequence_parallel(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """Sequence-parallel entry to a column-parallel layer (replaces ``copy_to_tp``).
-
-    Forward: Y = [X_1; ...; X_p] along dim 0 (all-gather of the sequence shards). Backward: each
-    rank's consumer produced a partial gradient G^(r) of the whole Y, so
-    dL/dX_r = chunk r of sum_q G^(q) (reduce-scatter along dim 0).
-    """
-    return x if group_size(group) == 1 else _GatherFromSP.apply(x, group)
 
 
 def reduce_scatter_to_sequence_parallel(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
