@@ -20,6 +20,9 @@ from megatron_aquila.model.kernels import KERNEL_BACKENDS
 from megatron_aquila.model.presets import MODEL_PRESETS
 
 
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class ConfigError(ValueError):
     """A recipe or override that cannot run; the message says which key and how to fix it."""
 
@@ -134,7 +137,7 @@ class PrecisionConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The model parameters' (and pipeline activations') dtype."""
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+        return TORCH_DTYPES[self.dtype]
 
 
 @dataclass

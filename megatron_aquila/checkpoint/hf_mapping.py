@@ -40,13 +40,13 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
-from megatron_aquila.config import ModelConfig
+from megatron_aquila.config import TORCH_DTYPES, ModelConfig
 
 # Aquila2 tokenizer ids (DESIGN.md section 7), used when no tokenizer directory is given.
 AQUILA_BOS_ID, AQUILA_EOS_ID, AQUILA_PAD_ID = 100006, 100007, 0
 
 MODEL_TYPES = ("llama", "aquila")
-HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPES = TORCH_DTYPES  # the same names as precision.dtype
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Buffers some HF checkpoints carry that are recomputed at load time.
 _IGNORED_HF_KEYS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
