@@ -18,13 +18,10 @@ from pathlib import Path
 import pytest
 
 from distributed import run_distributed
-from megatron_aquila.build import build_trainer_parts
-from megatron_aquila.config import load_config
 from megatron_aquila.data.corpus import write_sample_corpus
 from megatron_aquila.data.preprocess import PreprocessConfig, preprocess
 from megatron_aquila.data.tokenizer import train_tiny_bbpe
-from megatron_aquila.parallel.context import ParallelContext
-from megatron_aquila.trainer import Trainer
+from training import train_with
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "tiny_tp2_dp2.json"
@@ -32,14 +29,11 @@ ITERATIONS = 20
 
 
 def tiny_worker(rank: int, world_size: int, data_prefix: str, cache_dir: str):
-    config = load_config(ROOT / "examples" / "tiny" / "tiny.yaml", [
+    overrides = [
         f"data.data_path=[{data_prefix}]", f"data.cache_dir={cache_dir}", f"training.exit_interval={ITERATIONS}",
         "training.eval_interval=0", "logging.output_dir=null", "checkpoint.save=null", "checkpoint.load=null",
-        "checkpoint.save_interval=null", "logging.peak_tflops=1.0", "data.num_workers=0"])
-    config.validate(world_size)
-    ctx = ParallelContext.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel)
-    parts, state = build_trainer_parts(config, ctx)
-    return Trainer(config, ctx, parts, None, state).train().history
+        "checkpoint.save_interval=null", "logging.peak_tflops=1.0", "data.num_workers=0"]
+    return train_with(overrides, world_size, ROOT / "examples" / "tiny" / "tiny.yaml")[0].history
 
 
 @pytest.fixture(scope="module")

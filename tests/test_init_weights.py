@@ -16,7 +16,7 @@ from distributed import run_distributed
 from megatron_aquila.build import build_trainer_parts
 from megatron_aquila.config import load_config
 from megatron_aquila.parallel.context import ParallelContext
-from megatron_aquila.trainer import Trainer
+from training import train_with
 
 VOCAB = 300
 
@@ -33,11 +33,7 @@ def overrides(weights: str) -> list[str]:
 
 
 def continue_from(rank: int, world_size: int, weights: str, tokens: torch.Tensor) -> torch.Tensor:
-    config = load_config(None, overrides(weights))
-    config.validate(world_size)
-    ctx = ParallelContext.initialize(2, 1)
-    parts, state = build_trainer_parts(config, ctx)
-    Trainer(config, ctx, parts, None, state).train()
+    _, parts, ctx = train_with(overrides(weights), world_size)
     model = parts.model_chunks[0].eval()
     with torch.no_grad():
         local = model(tokens, None, None, None).contiguous()  # [b, s, V/tp]

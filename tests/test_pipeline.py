@@ -213,16 +213,9 @@ TRAINER_BASE = [
 
 
 def trainer_history(overrides: list[str], world_size: int) -> list[float]:
-    from megatron_aquila.build import build_trainer_parts
-    from megatron_aquila.config import load_config
-    from megatron_aquila.trainer import Trainer
+    from training import train_with
 
-    config = load_config(None, TRAINER_BASE + overrides)
-    config.validate(world_size)
-    ctx = (ParallelContext.single_process() if world_size == 1 else
-           ParallelContext.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel))
-    parts, state = build_trainer_parts(config, ctx)
-    return Trainer(config, ctx, parts, None, state).train().history
+    return train_with(TRAINER_BASE + overrides, world_size)[0].history
 
 
 def trainer_worker(rank: int, world_size: int, layouts: list[list[str]]) -> list[list[float]]:

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from distributed import run_distributed
-from megatron_aquila.build import build_trainer_parts
-from megatron_aquila.config import load_config
-from megatron_aquila.parallel.context import ParallelContext
-from megatron_aquila.trainer import Trainer
+from megatron_aquila.checkpoint.full_state import gather_full_state_dict
+from training import train_with
 
 BASE = [
     "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_kv_heads=2",
@@ -25,30 +22,9 @@ BASE = [
 ]
 
 
-def gather_full_parameters(model: torch.nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
-    """TP1 view of every parameter: all-gather TP shards along each parameter's partition dim."""
-    full = {}
-    for name, param in model.named_parameters():
-        tensor = param.detach()
-        if getattr(param, "tensor_model_parallel", False) and ctx.tp_size > 1:
-            pieces = [torch.empty_like(tensor) for _ in range(ctx.tp_size)]
-            dist.all_gather(pieces, tensor.contiguous(), group=ctx.tp_group)
-            tensor = torch.cat(pieces, dim=param.partition_dim)
-        full[name] = tensor.clone()
-    return full
-
-
 def train(overrides: list[str], world_size: int):
-    config = load_config(None, BASE + overrides)
-    config.validate(world_size)
-    if world_size == 1:
-        ctx = ParallelContext.single_process()
-    else:
-        ctx = ParallelContext.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel)
-    parts, state = build_trainer_parts(config, ctx)
-    state = Trainer(config, ctx, parts, None, state).train()
-    params = gather_full_parameters(parts.model_chunks[0], ctx)
-    return state.history, params
+    state, parts, ctx = train_with(BASE + overrides, world_size)
+    return state.history, gather_full_state_dict(parts.model_chunks, ctx)  # TP1 view of every parameter
 
 
 def worker(rank: int, world_size: int, overrides: list[str]):

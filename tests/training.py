@@ -1,0 +1,21 @@
+"""Build a run from a recipe and overrides in this process (one of a gloo job, or alone) and train it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from megatron_aquila.build import build_trainer_parts
+from megatron_aquila.config import load_config
+from megatron_aquila.parallel.context import ParallelContext
+from megatron_aquila.trainer import Trainer, TrainerParts, TrainingState
+
+
+def train_with(overrides: list[str], world_size: int,
+               recipe: Optional[Path] = None) -> tuple[TrainingState, TrainerParts, ParallelContext]:
+    """Train without metric sinks; returns the final state, the built parts and the context."""
+    config = load_config(recipe, overrides)
+    config.validate(world_size)
+    ctx = (ParallelContext.single_process() if world_size == 1 else
+           ParallelContext.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel))
+    parts, state = build_trainer_parts(config, ctx)
+    return Trainer(config, ctx, parts, None, state).train(), parts, ctx
