@@ -54,8 +54,16 @@ def init_distributed(config: Config) -> ParallelContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        # NCCL creates communicators lazily, on a group's first operation and among only the ranks
+        # in it. Binding the default group to this rank's GPU (device_id) creates the world
+        # communicator now, and lets NCCL split the subgroups' communicators from it;
+        # ParallelContext.initialize then runs one all-reduce on every group (see
+        # parallel/context.py warm_up_groups) so no group is first used by a point-to-point
+        # exchange among some of its ranks. gloo has no such state: no device to bind.
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", timeout=timedelta(minutes=30), device_id=device)
+        else:
+            dist.init_process_group(backend="gloo", timeout=timedelta(minutes=30))
     return ParallelContext.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel, device)
 
 

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distributed import run_distributed
+from megatron_aquila.parallel import data_parallel
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.data_parallel import DataParallelGradBuffer
 
@@ -88,14 +89,19 @@ def test_second_final_backward_without_finish_is_an_error():
 
 def _dp2_worker(rank, world_size):
     ctx = ParallelContext.initialize(tp_size=1, pp_size=1)
-    calls = []
-    real_all_reduce = dist.all_reduce
+    calls = []   # (collective, numel of the bucket it reduces)
+    real_all_reduce, real_reduce_scatter = dist.all_reduce, data_parallel.reduce_scatter_single
 
     def counting_all_reduce(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
+        calls.append(("all_reduce", tensor.numel()))
         return real_all_reduce(tensor, *args, **kwargs)
 
-    dist.all_reduce = counting_all_reduce
+    def counting_reduce_scatter(output, input, *args, **kwargs):
+        assert output.numel() * world_size == input.numel()
+        calls.append(("reduce_scatter", input.numel()))
+        return real_reduce_scatter(output, input, *args, **kwargs)
+
+    dist.all_reduce, data_parallel.reduce_scatter_single = counting_all_reduce, counting_reduce_scatter
     micro_batches = 3
     # Reference: grads of every rank's micro-batches, computed locally; rank r sees seeds 10*r + j.
     torch.manual_seed(0)
@@ -126,8 +132,10 @@ def _dp2_worker(rank, world_size):
             launched_in_backward = len(calls)
             buffer.finish_grad_sync()
             assert launched_in_backward == (len(buffer.buckets) if overlap else 0)
-            assert calls == [b.numel for b in buffer.buckets] if overlap else sorted(calls) == sorted(
-                b.numel for b in buffer.buckets)
+            # one collective per bucket, in bucket order (the order backward completes them), on gloo
+            # exactly as on NCCL: reduce-scatter for the distributed optimizer, all-reduce otherwise
+            kind = "reduce_scatter" if zero1 else "all_reduce"
+            assert calls == [(kind, b.numel) for b in buffer.buckets], calls
             if zero1:
                 for param, lo, hi in buffer.owned_pieces():
                     expected = global_mean[buffer.name_of(param)].reshape(-1)[lo:hi]

@@ -1,13 +1,16 @@
 import copy
+import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from distributed import run_distributed
 from megatron_aquila.config import OptimizerConfig, PrecisionConfig
+from megatron_aquila.optim.build import build_optimizer
 from megatron_aquila.optim.distributed_optimizer import DistributedOptimizer
 from megatron_aquila.optim.lr_schedule import LRScheduler
-from megatron_aquila.optim.optimizer import MixedPrecisionOptimizer, build_optimizer
+from megatron_aquila.optim.optimizer import MixedPrecisionOptimizer
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.data_parallel import DataParallelGradBuffer
 
@@ -118,6 +121,40 @@ def test_state_dict_roundtrip_continues_identically():
         assert torch.equal(p, q)
 
 
+def test_inf_grad_skips_the_step_without_a_scaler():
+    torch.manual_seed(0)
+    ctx = ParallelContext.single_process()
+    model = TinyNet().to(torch.bfloat16)
+    twin = copy.deepcopy(model)
+    buffer, opt = build(model, ctx, zero1=False, precision=PrecisionConfig(dtype="bf16"))
+    twin_buffer, twin_opt = build(twin, ctx, zero1=False, precision=PrecisionConfig(dtype="bf16"))
+    for m, b, o in ((model, buffer, opt), (twin, twin_buffer, twin_opt)):
+        assert o.grad_scaler is None and run_step(m, b, o, rank_batches(0, 0), 0.01, torch.bfloat16).successful
+    before = [p.detach().clone() for p in model.parameters()]
+    state = opt.state_dict()
+    opt.zero_grad()
+    mse(model, [t.to(torch.bfloat16) for t in rank_batches(0, 1)[0]]).backward()
+    model.fc1.bias.main_grad[3] = float("inf")
+    buffer.finish_grad_sync()
+    result = opt.step()
+    assert not result.successful and result.grad_norm == math.inf and result.loss_scale == 1.0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert_same_optimizer_state(opt.state_dict(), state)
+    for m, b, o in ((model, buffer, opt), (twin, twin_buffer, twin_opt)):
+        assert run_step(m, b, o, rank_batches(0, 2), 0.01, torch.bfloat16).successful
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+def assert_same_optimizer_state(state, expected):
+    assert state["params"][0].keys() == expected["params"][0].keys()
+    for name, entry in expected["params"][0].items():
+        got = state["params"][0][name]
+        assert got.keys() == entry.keys(), name
+        for key, value in entry.items():
+            same = torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value
+            assert same, (name, key)
+
+
 # ---------------------------------------------------------------------------- DP2 vs one process
 def _dp2_worker(rank, world_size):
     ctx = ParallelContext.initialize(tp_size=1, pp_size=1)
@@ -207,6 +244,67 @@ def test_dp2_and_zero1_match_single_process_adamw_with_clipping_and_fp16_overflo
     assert bf16_params0 == bf16_params1
 
 
+def _nan_worker(rank, world_size):
+    """A NaN in rank 1's local grads skips the step on both ranks in fp32 and bf16, plain and ZeRO-1."""
+    ctx = ParallelContext.initialize(tp_size=1, pp_size=1)
+    torch.manual_seed(0)
+    base = TinyNet()
+    # Reference for fp32: one process, torch AdamW with clipping on the global batch of steps 0 and 2
+    # (the NaN step 1 never happens for it).
+    reference = copy.deepcopy(base)
+    ref_opt = reference_adamw(reference)
+    for step in (0, 2):
+        batches = rank_batches(0, step) + rank_batches(1, step)
+        ref_opt.zero_grad()
+        for batch in batches:
+            (mse(reference, batch) / len(batches)).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), OPT.clip_grad)
+        ref_opt.step()
+    skipped_norms = []
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        for zero1 in (False, True):
+            precision = PrecisionConfig(dtype=name)
+            model, twin = copy.deepcopy(base).to(dtype), copy.deepcopy(base).to(dtype)
+            buffer, opt = build(model, ctx, zero1, precision)
+            twin_buffer, twin_opt = build(twin, ctx, zero1, precision)   # never sees the NaN step
+            for m, b, o in ((model, buffer, opt), (twin, twin_buffer, twin_opt)):
+                assert run_step(m, b, o, rank_batches(rank, 0), OPT.lr, dtype).successful
+            before = [p.detach().clone() for p in model.parameters()]
+            state = opt.state_dict()
+            opt.zero_grad()
+            for j, batch in enumerate(rank_batches(rank, 1)):
+                final = j == MICRO_BATCHES - 1
+                if final and rank == 1:
+                    # rank 1's local sum, before the DP reduce: element 0 of the buffer is fc2.weight[0, 0],
+                    # in DP rank 0's shard under ZeRO-1, so there only rank 0 holds the NaN after the reduce.
+                    buffer.buffer[0] = float("nan")
+                with (buffer.no_sync() if not final else torch.enable_grad()):
+                    mse(model, [t.to(dtype) for t in batch]).div(MICRO_BATCHES).backward()
+            buffer.finish_grad_sync()
+            holds_nan = any(bool(torch.isnan(piece.grad).any()) for piece in opt.pieces)
+            assert holds_nan == (rank == 0 or not zero1), (name, zero1, rank, holds_nan)
+            opt.set_lr(OPT.lr)
+            result = opt.step()
+            assert not result.successful and math.isnan(result.grad_norm) and result.loss_scale == 1.0
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), (name, zero1)
+            assert_same_optimizer_state(opt.state_dict(), state)
+            skipped_norms.append(result.grad_norm)
+            results = [run_step(m, b, o, rank_batches(rank, 2), OPT.lr, dtype)
+                       for m, b, o in ((model, buffer, opt), (twin, twin_buffer, twin_opt))]
+            assert results[0] == results[1] and results[0].successful
+            for (pname, p), q in zip(model.named_parameters(), twin.parameters()):
+                assert torch.equal(p, q), (name, zero1, pname)
+            if dtype == torch.float32:
+                for (pname, p), r in zip(model.named_parameters(), reference.parameters()):
+                    torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-6,
+                                               msg=f"zero1={zero1} {pname}")
+    return len(skipped_norms)
+
+
+def test_nan_grad_on_one_rank_skips_the_step_everywhere_in_fp32_and_bf16():
+    assert run_distributed(_nan_worker, world_size=2) == [4, 4]
+
+
 # ---------------------------------------------------------------------------- TP2 x DP2 grad norm counting
 class ShardedNet(nn.Module):
     """Full model: loss = mean_rows ||(x * g) W^T||^2 + mean ((x[:, :3] R)^2).
@@ -236,8 +334,27 @@ def tp_batch(seed):
     return torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
 
 
+def _warmed_up_groups(tp_size, pp_size):
+    """ParallelContext.initialize, recording the members of every group it all-reduces over."""
+    warmed, real_all_reduce = [], dist.all_reduce
+
+    def recording_all_reduce(tensor, *args, group=None, **kwargs):
+        warmed.append(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+        return real_all_reduce(tensor, *args, group=group, **kwargs)
+
+    dist.all_reduce = recording_all_reduce
+    try:
+        return ParallelContext.initialize(tp_size=tp_size, pp_size=pp_size), warmed
+    finally:
+        dist.all_reduce = real_all_reduce
+
+
 def _tp2dp2_worker(rank, world_size):
-    ctx = ParallelContext.initialize(tp_size=2, pp_size=1)
+    ctx, warmed = _warmed_up_groups(tp_size=2, pp_size=1)
+    # Every group this rank belongs to has seen one collective over all its members before any use
+    # (NCCL creates communicators on first use): TP, DP, PP, model-parallel, world; tp-dp-pp grid order.
+    tp = [2 * (rank // 2), 2 * (rank // 2) + 1]
+    assert warmed == [tp, [rank % 2, rank % 2 + 2], [rank], tp, [0, 1, 2, 3]], warmed
     torch.manual_seed(0)
     w, g, r = torch.randn(8, 4) * 0.5, 1.0 + 0.1 * torch.randn(4), torch.randn(3, 3) * 0.5
     full = ShardedNet(w, g, r, 0, 1)

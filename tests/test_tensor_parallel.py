@@ -1,7 +1,7 @@
 """Tensor and sequence parallelism on 2 gloo processes against single-process references.
 
-One spawn runs every check (each spawn costs seconds): vocab-parallel cross entropy vs
-``F.cross_entropy``, vocab-parallel embedding vs ``nn.Embedding``, sharded init vs the TP1 init,
+One spawn runs every check (each spawn costs seconds): the sequence-parallel collectives vs
+their hand formulas, vocab-parallel cross entropy vs ``F.cross_entropy``, vocab-parallel embedding vs ``nn.Embedding``, sharded init vs the TP1 init,
 and TP2 / TP2+SP models vs the TP1 model built from the same seed: losses, and every rank's
 grads vs the matching slice of the TP1 grads, over two steps (SGD in between).
 """
@@ -17,6 +17,7 @@ from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_aquila.parallel.layers import VocabParallelEmbedding
+from megatron_aquila.parallel.mappings import _all_gather_dim0, reduce_scatter_to_sequence_parallel
 
 ATOL = 1e-5
 CONFIG = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2, ffn_hidden_size=96,
@@ -33,6 +34,27 @@ def _local_slice(full: torch.Tensor, param: torch.Tensor, tp_rank: int) -> torch
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
+
+
+def _check_sequence_parallel_collectives(ctx: ParallelContext, errors: dict) -> None:
+    """Y_r = chunk r of sum_q X_q and dL/dX_r = [G_1; ...; G_p]; [X_1; ...; X_p] from the all-gather.
+
+    Every rank's X_q and G_q are drawn from seed q, so each rank builds the expected values itself.
+    """
+    for dtype in (torch.float32, torch.bfloat16):
+        xs = [torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(q)).to(dtype) for q in range(ctx.tp_size)]
+        gs = [torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(50 + q)).to(dtype)
+              for q in range(ctx.tp_size)]
+        x = xs[ctx.tp_rank].clone().requires_grad_()
+        y = reduce_scatter_to_sequence_parallel(x, ctx.tp_group)  # [4 / p, 3, 2]
+        y.backward(gs[ctx.tp_rank])
+        expected = torch.stack(xs).float().sum(0).to(dtype).chunk(ctx.tp_size, 0)[ctx.tp_rank]
+        tag = str(dtype).removeprefix("torch.")
+        errors[f"reduce_scatter_{tag}"] = _max_err(y.float(), expected.float())
+        errors[f"reduce_scatter_grad_{tag}"] = _max_err(x.grad, torch.cat(gs))
+        # the shard owns its storage: nothing of the [s, ...] input or sum stays alive through it
+        errors[f"reduce_scatter_owns_{tag}"] = float(y.untyped_storage().nbytes() != y.numel() * y.element_size())
+        errors[f"all_gather_{tag}"] = _max_err(_all_gather_dim0(xs[ctx.tp_rank], ctx.tp_group), torch.cat(xs))
 
 
 def _check_cross_entropy(ctx: ParallelContext, errors: dict) -> None:
@@ -124,6 +146,7 @@ def _check_model(ctx: ParallelContext, config: ModelConfig, sp: bool, errors: di
 def _worker(rank: int, world_size: int) -> dict:
     ctx = ParallelContext.initialize(tp_size=world_size, pp_size=1, device=torch.device("cpu"))
     errors: dict[str, float] = {}
+    _check_sequence_parallel_collectives(ctx, errors)
     _check_cross_entropy(ctx, errors)
     _check_embedding(ctx, errors)
     config = ModelConfig(**CONFIG)

@@ -7,9 +7,10 @@ parameter pieces inside ``B_r``, and steps them. AdamW is elementwise, so steppi
 the same numbers as stepping whole parameters. Then the updated pieces are all-gathered per
 bucket in the model dtype:
 
-    P_B = all_gather_r( cast(master pieces in B_r) )      (then each parameter is copied out)
+    P_B = [P_B_0; ...; P_B_{d-1}],  P_B_r = cast(master pieces in B_r)   (then each parameter is copied out)
 
-``all_gather_into_tensor`` on NCCL; gloo gathers into the d shard views of one bucket tensor.
+by one ``all_gather_single`` per bucket, in place (rank r's input is the view ``P_B_r`` of
+the output ``P_B``), on NCCL and gloo alike.
 The global grad norm sums the squares of each rank's pieces (TP counting as in the plain
 optimizer) and all-reduces over the world: the shards partition every parameter, so each
 element is counted exactly once.
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_aquila.optim.optimizer import MasterPiece, MixedPrecisionOptimizer
+from megatron_aquila.parallel.collectives import all_gather_single
 from megatron_aquila.parallel.context import ProcessGroup
 from megatron_aquila.parallel.data_parallel import DataParallelGradBuffer
 
@@ -50,7 +52,6 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
             for piece in self.pieces:
                 piece.param.data.view(-1)[piece.lo:piece.hi].copy_(piece.master)
             return
-        use_nccl = dist.get_backend(dp_group) == dist.Backend.NCCL
         pieces_by_chunk: list[list[MasterPiece]] = [[] for _ in self.grad_buffers]
         for piece in self.pieces:
             pieces_by_chunk[piece.chunk].append(piece)
@@ -67,11 +68,8 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
                     if shard_start <= piece.buffer_offset < shard_end:
                         at = piece.buffer_offset - bucket.start
                         gathered[at:at + piece.hi - piece.lo].copy_(piece.master)
-                local = gathered[shard_start - bucket.start:shard_end - bucket.start].clone()  # [bucket / dp]
-                if use_nccl:
-                    work = dist.all_gather_into_tensor(gathered, local, group=dp_group, async_op=True)
-                else:
-                    work = dist.all_gather(list(gathered.chunk(dp_size)), local, group=dp_group, async_op=True)
+                local = gathered[shard_start - bucket.start:shard_end - bucket.start]  # [bucket / dp], a view
+                work = all_gather_single(gathered, local, group=dp_group, async_op=True)
                 pending.append((work, buffer, bucket, gathered))
         for work, buffer, bucket, gathered in pending:
             work.wait()

@@ -11,6 +11,12 @@ One step (after ``finish_grad_sync`` on every grad buffer), with loss scale ``S`
                model-parallel group (TP x PP; DP replicas hold equal grads); the distributed
                optimizer sums its DP shard's pieces and reduces over the world, and the shards of
                the DP ranks partition every parameter, so each element still counts once.
+   non-finite: if ||g|| is inf or nan, skip the step (in every precision): masters, Adam state
+               and parameters stay as they were. The decision is read from the reduced norm, so
+               it is the same on every rank: an inf/nan in any rank's local grads reaches every
+               DP replica through the DP all-reduce (plain) or reaches the world-reduced norm
+               from the shard that owns it (distributed), and every rank of a model-parallel
+               group sees the same reduced sum.
 4. clip:       g <- g * min(1, clip_grad / (||g|| + 1e-6))     (torch's clip_grad_norm_ rule)
 5. AdamW on the fp32 masters (no weight decay on 1-D parameters: norms, biases) with the lr set
    by ``set_lr``, then copy the masters into the model parameters (cast to their dtype).
@@ -27,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_aquila.config import OptimizerConfig, PrecisionConfig
+from megatron_aquila.config import OptimizerConfig
 from megatron_aquila.optim.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron_aquila.parallel.context import ParallelContext, ProcessGroup, group_size
 from megatron_aquila.parallel.data_parallel import DataParallelGradBuffer
@@ -39,7 +45,8 @@ STATE_FORMAT = "megatron_aquila.optimizer.v1"
 @dataclass
 class StepResult:
     successful: bool     # False: inf/nan found on some rank, the step was skipped everywhere
-    grad_norm: float     # global norm of the unscaled grads before clipping (nan when skipped)
+    grad_norm: float     # global norm of the unscaled grads before clipping (nan when fp16 found
+                         # inf/nan; the non-finite norm itself when that skipped the step)
     loss_scale: float    # the scale this step's gradients were computed with
 
 
@@ -57,14 +64,6 @@ class MasterPiece:
     buffer_offset: int         # where element ``lo`` of the param sits in the grad buffer
     counts_in_norm: bool       # TP-sharded, or replicated and this is TP rank 0
     decays: bool               # weight decay applies (parameters of 2 or more dims)
-
-
-def make_grad_scaler(precision: PrecisionConfig) -> Optional[DynamicGradScaler]:
-    """The dynamic scaler for fp16; None (scale 1) for bf16 and fp32."""
-    if precision.dtype != "fp16":
-        return None
-    return DynamicGradScaler(precision.initial_loss_scale, precision.min_loss_scale,
-                             precision.loss_scale_window, precision.hysteresis)
 
 
 class MixedPrecisionOptimizer:
@@ -160,7 +159,9 @@ class MixedPrecisionOptimizer:
             self.grad_scaler.update(found_inf)
             if found_inf:
                 return StepResult(successful=False, grad_norm=math.nan, loss_scale=scale)
-        norm = self.grad_norm()
+        norm = self.grad_norm()   # reduced: the same value, hence the same decision, on every rank
+        if not math.isfinite(norm):
+            return StepResult(successful=False, grad_norm=norm, loss_scale=scale)
         if self.config.clip_grad > 0:
             coeff = self.config.clip_grad / (norm + 1e-6)
             if coeff < 1.0 and grads:
@@ -234,22 +235,3 @@ class MixedPrecisionOptimizer:
         if self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
 
-
-def build_optimizer(model_chunks: list[nn.Module], grad_buffers: list[DataParallelGradBuffer],
-                    config: OptimizerConfig, precision: PrecisionConfig, ctx: ParallelContext,
-                    distributed: bool, grad_scaler: Optional[GradScaler] = None) -> MixedPrecisionOptimizer:
-    """The plain or ZeRO-1 optimizer over the chunks' grad buffers (one buffer per chunk, same order).
-
-    ``grad_scaler`` overrides the default (dynamic for fp16, none for bf16/fp32).
-    """
-    from megatron_aquila.optim.distributed_optimizer import DistributedOptimizer
-
-    if len(model_chunks) != len(grad_buffers) or any(b.module is not m for m, b in zip(model_chunks, grad_buffers)):
-        raise ValueError(f"need one grad buffer per model chunk in the same order: got {len(model_chunks)} chunks "
-                         f"and {len(grad_buffers)} buffers")
-    if distributed and not all(b.distributed_optimizer for b in grad_buffers):
-        raise ValueError("the distributed optimizer needs grad buffers built with distributed_optimizer=True "
-                         "(padded buckets, reduce-scatter)")
-    scaler = grad_scaler if grad_scaler is not None else make_grad_scaler(precision)
-    cls = DistributedOptimizer if distributed else MixedPrecisionOptimizer
-    return cls(grad_buffers, config, ctx, scaler)

@@ -59,6 +59,21 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def warm_up_groups(groups: list[dist.ProcessGroup], device: torch.device) -> None:
+    """Run one 1-element all-reduce on each of ``groups`` (this process's own groups), in order.
+
+    NCCL creates a group's communicator lazily, on the group's first operation, and only the
+    ranks taking part in that operation join it: a ``batch_isend_irecv`` between two pipeline
+    stages as the first use of a larger pipeline group is undefined behaviour. A collective
+    over every member first makes every communicator complete before any point-to-point
+    transfer. On gloo it costs microseconds, and it runs there too, so the tests execute it.
+    Every rank passes its groups in the same kind order (TP, DP, PP, MP, world) and the groups
+    of one kind partition the world, so every all-reduce meets all its members.
+    """
+    for group in groups:
+        dist.all_reduce(torch.ones(1, device=device), group=group)
+
+
 @dataclass
 class ParallelContext:
     """This process's coordinates in the TP x DP x PP grid and the groups it belongs to."""
@@ -152,11 +167,13 @@ class ParallelContext:
             group = dist.new_group(ranks(range(tp_size), [d], range(pp_size)))
             if d == dp_rank:
                 mine["mp"] = group
+        device = device or default_device()
+        warm_up_groups([mine["tp"], mine["dp"], mine["pp"], mine["mp"], dist.group.WORLD], device)
         return cls(
             rank=rank, world_size=world_size, tp_size=tp_size, dp_size=dp_size, pp_size=pp_size,
             tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=pp_rank,
             tp_group=mine["tp"], dp_group=mine["dp"], pp_group=mine["pp"], model_parallel_group=mine["mp"],
-            world_group=dist.group.WORLD, pp_ranks=pp_ranks, device=device or default_device(),
+            world_group=dist.group.WORLD, pp_ranks=pp_ranks, device=device,
         )
 
     def release_groups(self) -> None:

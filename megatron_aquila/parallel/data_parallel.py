@@ -14,9 +14,8 @@ overlapping the rest of backward. With DP size ``d`` and rank ``r`` the buffer `
 - plain optimizer, all-reduce:       g_r <- (1/d) * sum_{k=0..d-1} g_k      (on every rank)
 - distributed optimizer, reduce-scatter: each bucket ``B`` (padded so that d | |B|) is split
   into ``d`` equal contiguous shards ``B = [B_0, ..., B_{d-1}]`` and rank ``r`` gets
-  ``B_r <- (1/d) * sum_k B_r^(k)``; the rest of its buffer is stale and must not be read.
-  NCCL does this with ``reduce_scatter_tensor``; gloo has no reduce-scatter, so there the whole
-  bucket is all-reduced (same values on the owned shard, more traffic: fine on CPU).
+  ``B_r <- (1/d) * sum_k B_r^(k)`` by ``reduce_scatter_single`` into the shard's own place in the
+  buffer (on NCCL and gloo alike); the rest of its buffer is stale and must not be read.
 
 ``finish_grad_sync()`` launches whatever is not yet launched, waits for every bucket and then
 all-reduces (sums) over the TP group the grads of parameters marked ``sequence_parallel = True``
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_aquila.parallel.collectives import reduce_scatter_single
 from megatron_aquila.parallel.context import ParallelContext, group_size
 
 FP32_BYTES = 4
@@ -147,14 +147,14 @@ class DataParallelGradBuffer:
         if self.dp_size == 1:
             return
         bucket.data.mul_(1.0 / self.dp_size)
-        use_reduce_scatter = (self.distributed_optimizer
-                              and dist.get_backend(self.ctx.dp_group) == dist.Backend.NCCL)
-        if use_reduce_scatter:
+        if self.distributed_optimizer:   # in place: the output is this rank's shard of the bucket's input
             start, end = bucket.shard_range(self.dp_rank, self.dp_size)
-            shard = self.buffer[start:end]
-            bucket.handle = dist.reduce_scatter_tensor(shard, bucket.data, group=self.ctx.dp_group, async_op=True)
-        else:  # plain optimizer, or gloo (no reduce-scatter): all-reduce, the owner reads its shard
-            bucket.handle = dist.all_reduce(bucket.data, group=self.ctx.dp_group, async_op=True)
+            shard = self.buffer[start:end]   # [bucket / d]
+            bucket.handle = reduce_scatter_single(shard, bucket.data, op=dist.ReduceOp.SUM,
+                                                       group=self.ctx.dp_group, async_op=True)
+        else:
+            bucket.handle = dist.all_reduce(bucket.data, op=dist.ReduceOp.SUM, group=self.ctx.dp_group,
+                                            async_op=True)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
