@@ -20,7 +20,7 @@ import torch
 from megatron_aquila.build import build_trainer_parts
 from megatron_aquila.config import load_config
 from megatron_aquila.cpu_runtime import keep_freed_memory
-from megatron_aquila.metrics import measure_cpu_matmul_tflops
+from megatron_aquila.peak_flops import measure_cpu_matmul_tflops
 from megatron_aquila.model.flops import flops_per_iteration
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.trainer import Trainer

@@ -42,7 +42,7 @@ What it does, without a GPU and without allocating a single weight:
    interleaved with v chunks. Still estimates: allocator fragmentation, temporaries (logits and
    their fp32 upcast, all-gather buffers, kernel workspaces), CUDA context and NCCL buffers; the
    10% reserve (RESERVED_FRACTION) stands for them.
-4. FLOPs per iteration (``model.flops``, DESIGN.md section 6) and, at the given MFU against the
+4. FLOPs per iteration (``model.flops``, docs/design.md section 6) and, at the given MFU against the
    GPU's dense bf16 peak, the iteration time, tokens/s/GPU and run length in days.
 """
 from __future__ import annotations
@@ -56,18 +56,22 @@ from typing import Optional
 import torch
 
 from megatron_aquila.config import Config, ConfigError, load_config
-from megatron_aquila.metrics import GPU_PEAK_TFLOPS
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.model.flops import flops_per_iteration, num_parameters
 from megatron_aquila.model.kernels import KernelChoice
 from megatron_aquila.parallel.context import DescribedGroup, ParallelContext, ProcessGroup
 from megatron_aquila.parallel.pipeline.partition import chunk_has_embedding, chunk_has_head, chunk_layer_ids
+from megatron_aquila.peak_flops import DENSE_BF16_PEAK_TFLOPS, GpuModel
 
 GIB = 1024 ** 3
 
-# Device memory in GiB by the --gpu names the planner accepts.
-GPU_MEMORY_GIB: dict[str, float] = {
-    "A100-40G": 40.0, "A100-80G": 80.0, "A800-80G": 80.0, "H100": 80.0, "H800": 80.0, "H20": 96.0,
+# The --gpu names the planner accepts: the GPU model (its peak is in peak_flops.DENSE_BF16_PEAK_TFLOPS)
+# and its memory in GiB, the nominal capacity (the driver reports up to 1% less: inside RESERVED_FRACTION).
+PLANNER_GPUS: dict[str, tuple[GpuModel, float]] = {
+    "A100-40G": (GpuModel("A100", "SXM"), 40.0), "A100-80G": (GpuModel("A100", "SXM"), 80.0),
+    "A800-80G": (GpuModel("A800", "SXM"), 80.0), "H100": (GpuModel("H100", "SXM"), 80.0),
+    "H800": (GpuModel("H800", "SXM"), 80.0), "H20": (GpuModel("H20", "SXM"), 96.0),
+    "H200": (GpuModel("H200", "SXM"), 141.0), "B200": (GpuModel("B200", "SXM"), 180.0),
 }
 # Share of device memory kept free for what the estimate leaves out: CUDA context, NCCL buffers,
 # allocator fragmentation, temporaries (logits upcasts, all-gather buffers, fused kernels' workspaces).
@@ -84,19 +88,18 @@ class PlanError(ValueError):
 class GpuSpec:
     name: str
     memory_gib: float
-    peak_tflops: float  # dense bf16 tensor-core peak (metrics.GPU_PEAK_TFLOPS)
+    peak_tflops: float  # dense bf16 tensor-core peak (peak_flops.DENSE_BF16_PEAK_TFLOPS)
 
 
 def gpu_spec(name: str) -> GpuSpec:
-    """Memory and peak of a GPU named like A800-80G, A100-40G, A100-80G, H100, H800 or H20."""
+    """Memory and peak of a GPU named as in PLANNER_GPUS (A100-40G, H100, H200, B200, ...), any case."""
     key = name.strip().upper()
-    if key not in GPU_MEMORY_GIB:
-        raise PlanError(f"unknown GPU {name!r}; known: {', '.join(GPU_MEMORY_GIB)} "
-                        "(add it to GPU_MEMORY_GIB in megatron_aquila/plan.py and GPU_PEAK_TFLOPS in metrics.py)")
-    peaks = [peak for table_key, peak in GPU_PEAK_TFLOPS if table_key in key]
-    if not peaks:
-        raise PlanError(f"GPU {name!r} has no peak TFLOP/s in metrics.GPU_PEAK_TFLOPS")
-    return GpuSpec(key, GPU_MEMORY_GIB[key], peaks[0])
+    if key not in PLANNER_GPUS:
+        raise PlanError(f"unknown GPU {name!r}; known: {', '.join(PLANNER_GPUS)} (add it to PLANNER_GPUS in "
+                        "megatron_aquila/plan.py and its peak to DENSE_BF16_PEAK_TFLOPS in "
+                        "megatron_aquila/peak_flops.py)")
+    model, memory_gib = PLANNER_GPUS[key]
+    return GpuSpec(key, memory_gib, DENSE_BF16_PEAK_TFLOPS[model])
 
 
 @dataclass
@@ -367,7 +370,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.tensor_parallel=2")
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, required=True)
-    parser.add_argument("--gpu", required=True, help=f"one of {', '.join(GPU_MEMORY_GIB)}")
+    parser.add_argument("--gpu", required=True, help=f"one of {', '.join(PLANNER_GPUS)}")
     parser.add_argument("--mfu", type=float, default=0.5, help="model FLOPs utilisation assumed (0-1]")
     parser.add_argument("--no-flash-attention", dest="flash_attention", action="store_false",
                         help="count the s x s attention scores as stored activations")

@@ -168,3 +168,13 @@ def test_planner_clear_errors(capsys):
     assert "world size 8 is not divisible by tensor_parallel 4 x pipeline_parallel 4" in capsys.readouterr().err
     assert plan.main(argv + ["parallel.tensor_parallel=3"]) == 2
     assert "configuration error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, memory_gib, peak", [("H200", 141.0, 989.0), ("b200", 180.0, 2250.0)])
+def test_planner_knows_h200_and_b200(name, memory_gib, peak, capsys):
+    # Nominal memory and dense bf16 peak from NVIDIA's data sheets; "H200" must not read as "H20" (96 GiB, 148).
+    spec = plan.gpu_spec(name)
+    assert (spec.name, spec.memory_gib, spec.peak_tflops) == (name.upper(), memory_gib, peak)
+    assert plan.main([str(RECIPE_7B), "--nodes", "12", "--gpus-per-node", "8", "--gpu", name]) == 0
+    out = capsys.readouterr().out
+    assert f"{memory_gib:g} GiB {name.upper()}" in out and f"of {peak:g} TFLOP/s" in out, out
