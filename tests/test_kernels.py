@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megatron_aquila.model import kernels
 
@@ -41,7 +44,7 @@ def test_torch_sdpa_gqa_matches_naive_causal_attention():
     torch.manual_seed(0)
     s, b, n, g, d = 7, 2, 6, 2, 8
     q, k, v = torch.randn(s, b, n, d), torch.randn(s, b, g, d), torch.randn(s, b, g, d)
-    out = kernels.build_attention("torch-sdpa", n, g, d, 0.0)(q, k, v)
+    out = kernels.build_attention("torch-sdpa", n, g, d, 0.0)(q, k, v, True)
     assert out.shape == (s, b, n * d)
     for head in range(n):
         kv = head // (n // g)  # query head i reads kv head i // (n/g)
@@ -125,3 +128,63 @@ def test_a_forced_backend_that_cannot_run_is_an_error(monkeypatch, backend, devi
         kernels.choose_kernels(backend, device, dtype)
     for word in words:
         assert word in str(error.value)
+
+
+def _qkv(s: int = 6, b: int = 2, n: int = 4, g: int = 2, d: int = 8) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(s, b, heads, d, generator=generator) for heads in (n, g, g))
+
+
+def test_torch_sdpa_drops_out_only_in_training():
+    q, k, v = _qkv()
+    plain = kernels.build_attention("torch-sdpa", 4, 2, 8, 0.0)(q, k, v, True)
+    dropping = kernels.build_attention("torch-sdpa", 4, 2, 8, 0.5)
+    torch.testing.assert_close(dropping(q, k, v, False), plain, atol=0, rtol=0)
+    torch.manual_seed(0)
+    trained = dropping(q, k, v, True)
+    assert (trained - plain).abs().max() > 0.1
+    torch.manual_seed(0)
+    assert torch.equal(dropping(q, k, v, True), trained)  # the mask comes from the default generator
+
+
+def test_flash_attn_gets_dropout_only_in_training(monkeypatch):
+    calls = []
+
+    def flash_attn_func(q, k, v, dropout_p, causal):  # [b, s, heads, d] like flash-attn
+        calls.append((dropout_p, causal))
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True, enable_gqa=True).transpose(1, 2)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    q, k, v = _qkv()
+    attend = kernels.build_attention("flash-attn", 4, 2, 8, 0.5)
+    out = attend(q, k, v, False)
+    attend(q, k, v, True)
+    assert calls == [(0.0, True), (0.5, True)]
+    torch.testing.assert_close(out, kernels.build_attention("torch-sdpa", 4, 2, 8, 0.0)(q, k, v, True))
+
+
+def test_transformer_engine_attention_follows_the_training_flag(monkeypatch):
+    """TE's DotProductAttention drops out only while its own ``training`` is set (its backends use
+    ``attention_dropout if self.training else 0``); ours sits outside the module tree, so the kernel
+    must set that flag at every call."""
+    built, seen = [], []
+
+    class DotProductAttention(torch.nn.Module):
+        def __init__(self, num_heads, head_dim, *, num_gqa_groups, attention_dropout, qkv_format, attn_mask_type):
+            super().__init__()
+            built.append((num_heads, head_dim, num_gqa_groups, attention_dropout, qkv_format, attn_mask_type))
+
+        def forward(self, q, k, v):
+            seen.append(self.training)
+            return q.flatten(2)
+
+    te_pytorch = types.SimpleNamespace(DotProductAttention=DotProductAttention)
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.SimpleNamespace(pytorch=te_pytorch))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", te_pytorch)
+    q, k, v = _qkv()
+    attend = kernels.build_attention("transformer-engine", 4, 2, 8, 0.5)
+    for training in (False, True, False):
+        assert attend(q, k, v, training).shape == (6, 2, 32)
+    assert built == [(4, 8, 2, 0.5, "sbhd", "causal")]
+    assert seen == [False, True, False]

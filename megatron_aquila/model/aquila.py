@@ -13,7 +13,8 @@ briefly holds one full fp32 weight (the largest is the output layer: padded voca
 for Aquila2-34B). Linear and embedding weights ~ N(0, init_std); the residual-branch output
 projections (``attention.dense``, ``mlp.down``) ~ N(0, init_std / sqrt(2 * num_layers)) as in
 Megatron-LM (``scaled_init_method_normal``, GPT-2's scheme); norm weights = ``norm_init``. Padded
-vocabulary rows are drawn like the others (they are never targets). Skipped on the meta device.
+vocabulary rows are drawn like the others (they are never targets). Skipped on the meta device and
+with ``initialize=False`` (resume, ``init_weights``): the parameters are then allocated, not drawn.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import hashlib
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_aquila.config import ModelConfig
@@ -31,12 +31,13 @@ from megatron_aquila.model.transformer import (
     RMSNorm,
     RotaryEmbedding,
     TransformerBlock,
+    hidden_dropout,
     scaled_init_std,
 )
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_aquila.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, full_shape
-from megatron_aquila.parallel.random import DATA_PARALLEL, MODEL_PARALLEL, RNGStatesTracker
+from megatron_aquila.parallel.random import RNGStatesTracker
 
 _SCALED_INIT_SUFFIXES = ("attention.dense.weight", "mlp.down.weight")
 
@@ -56,12 +57,17 @@ class AquilaModel(nn.Module):
       - post_process, no labels: this rank's vocabulary-shard logits [b, s, V/tp] (a transposed view);
       - otherwise: hidden states [s, b, h] ([s/tp, b, h] under sequence parallelism).
     The first stage (pre_process) embeds ``input_ids``; later stages take ``hidden_states``.
+
+    ``pipeline_stage`` is this chunk's global virtual stage, chunk * pp_size + pp_rank (0 for the
+    whole model): it offsets the dropout RNG seeds (``parallel/random.py``) so no two chunks draw
+    the same masks. ``seed`` seeds both the weights (independent of the stage) and the dropout streams.
     """
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, *, sequence_parallel: bool = False,
                  recompute: str = "none", layer_ids: Sequence[int] | None = None, pre_process: bool = True,
                  post_process: bool = True, params_dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None, seed: int = 1234, kernels: KernelChoice | None = None):
+                 device: torch.device | str | None = None, seed: int = 1234, kernels: KernelChoice | None = None,
+                 initialize: bool = True, pipeline_stage: int = 0):
         super().__init__()
         if recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute {recompute!r} must be one of {RECOMPUTE_MODES}")
@@ -81,7 +87,7 @@ class AquilaModel(nn.Module):
         self.padded_vocab_size = config.padded_vocab_size(ctx.tp_size)
         device = torch.device(device) if device is not None else ctx.device
         self.kernels = kernels or choose_kernels(config.kernels, device, params_dtype)
-        self.rng = RNGStatesTracker(seed, ctx.tp_rank, device)
+        self.rng = RNGStatesTracker(seed, ctx.tp_rank, pipeline_stage, device)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_base, config.seq_length)
         norm_fn = build_rms_norm(self.kernels.norm)
         common = dict(sequence_parallel=self.sequence_parallel, params_dtype=params_dtype, device=device)
@@ -101,7 +107,7 @@ class AquilaModel(nn.Module):
             self.final_norm = RMSNorm(config.hidden_size, config.norm_eps, norm_fn, **common)
             self.output_layer = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size, ctx.tp_group,
                                                      **common)
-        if device.type != "meta":
+        if initialize and device.type != "meta":  # initialize=False: a checkpoint will overwrite every parameter
             self.init_weights(seed)
 
     def kernel_description(self) -> str:
@@ -125,19 +131,14 @@ class AquilaModel(nn.Module):
                 full = full.narrow(param.partition_dim, self.ctx.tp_rank * local, local)
             param.copy_(full)
 
-    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.hidden_dropout == 0 or not self.training:
-            return x
-        with self.rng.fork(MODEL_PARALLEL if self.sequence_parallel else DATA_PARALLEL):
-            return F.dropout(x, self.config.hidden_dropout)
-
     def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_process:
             if input_ids is None:
                 raise ValueError("the first pipeline stage (pre_process=True) needs input_ids [b, s]")
             seq_len = input_ids.shape[1]
-            x = self._dropout(self.embedding(input_ids.t()))  # [s, b, h] ([s/tp, b, h] under SP)
+            x = hidden_dropout(self.embedding(input_ids.t()), self.config.hidden_dropout, self.training, self.rng,
+                               self.sequence_parallel)  # [s, b, h] ([s/tp, b, h] under SP)
         else:
             if hidden_states is None:
                 raise ValueError("a non-first pipeline stage (pre_process=False) needs hidden_states [s, b, h]")

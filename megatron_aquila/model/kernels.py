@@ -5,8 +5,10 @@ importable) > torch ``scaled_dot_product_attention`` (everywhere; causal; GQA na
 RMSNorm: apex ``fused_rms_norm_affine`` (CUDA, importable) > transformer-engine ``RMSNorm``
 (CUDA, importable) > torch (``_TorchRMSNorm``: fp32 statistics, saves the input in its own dtype).
 
-Attention kernels share one signature: q [s, b, n, d], k and v [s, b, g, d] (any strides with a
-unit last stride; n a multiple of g, query head i uses kv head i // (n/g)) -> [s, b, n*d].
+Attention kernels share one signature: (q [s, b, n, d], k and v [s, b, g, d] (any strides with a
+unit last stride; n a multiple of g, query head i uses kv head i // (n/g)), training) -> [s, b, n*d].
+The dropout rate is fixed when a kernel is built; ``training`` (the calling module's flag) decides at
+every call whether it applies, so ``model.eval()`` switches attention dropout off on every backend.
 RMSNorm kernels: (x [..., h], weight [h], eps) -> [..., h] in x's dtype.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 NormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
@@ -94,12 +96,13 @@ def choose_kernels(backend: str, device: torch.device | str, dtype: torch.dtype)
 
 
 def _torch_sdpa(dropout_p: float) -> AttentionFn:
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> torch.Tensor:
         s, b, n, d = q.shape
         gqa = k.shape[2] != n
         # [s, b, heads, d] -> [b, heads, s, d] as strided views; the output keeps q's memory order.
         out = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
-                                             dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+                                             dropout_p=dropout_p if training else 0.0, is_causal=True,
+                                             enable_gqa=gqa)
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)  # [s, b, n*d]
     return attend
 
@@ -107,10 +110,10 @@ def _torch_sdpa(dropout_p: float) -> AttentionFn:
 def _flash_attn(dropout_p: float) -> AttentionFn:
     from flash_attn import flash_attn_func  # GPU only, imported when chosen
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> torch.Tensor:
         s, b, n, d = q.shape
         out = flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                              dropout_p=dropout_p, causal=True)  # [b, s, n, d], GQA native
+                              dropout_p=dropout_p if training else 0.0, causal=True)  # [b, s, n, d], GQA native
         return out.transpose(0, 1).reshape(s, b, n * d)
     return attend
 
@@ -118,17 +121,20 @@ def _flash_attn(dropout_p: float) -> AttentionFn:
 def _transformer_engine(num_heads: int, num_kv_heads: int, head_dim: int, dropout_p: float) -> AttentionFn:
     import transformer_engine.pytorch as te  # GPU only, imported when chosen
 
-    # Kept out of the module tree on purpose: its extra state must not enter our state_dict.
+    # Kept out of the module tree on purpose: its extra state must not enter our state_dict. So
+    # model.eval() does not reach it; its backends drop out only in training mode, set at each call.
     core = te.DotProductAttention(num_heads, head_dim, num_gqa_groups=num_kv_heads, attention_dropout=dropout_p,
                                   qkv_format="sbhd", attn_mask_type="causal")
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> torch.Tensor:
+        core.train(training)
         return core(q, k, v)  # [s, b, n*d]
     return attend
 
 
 def build_attention(name: str, num_heads: int, num_kv_heads: int, head_dim: int, dropout_p: float) -> AttentionFn:
-    """The attention kernel ``name`` for this rank's ``num_heads`` query and ``num_kv_heads`` kv heads."""
+    """The attention kernel ``name`` for this rank's ``num_heads`` query and ``num_kv_heads`` kv heads,
+    dropping attention probabilities with rate ``dropout_p`` in the calls made with ``training=True``."""
     if name == "torch-sdpa":
         return _torch_sdpa(dropout_p)
     if name == "flash-attn":

@@ -28,6 +28,20 @@ from megatron_aquila.parallel.random import DATA_PARALLEL, MODEL_PARALLEL, RNGSt
 RECOMPUTE_MODES = ("none", "selective", "full")
 
 
+def hidden_dropout(x: torch.Tensor, p: float, training: bool, rng: RNGStatesTracker,
+                   sequence_parallel: bool) -> torch.Tensor:
+    """``F.dropout(x, p)`` in training, ``x`` otherwise (embedding output and both residual branches).
+
+    The mask comes from the tracker's model-parallel stream for sequence-parallel shards (they differ
+    across TP ranks) and from its data-parallel stream for replicated activations (every TP rank must
+    draw the same mask).
+    """
+    if p == 0 or not training:
+        return x
+    with rng.fork(MODEL_PARALLEL if sequence_parallel else DATA_PARALLEL):
+        return F.dropout(x, p)
+
+
 def _checkpoint(fn: Callable, tracker: RNGStatesTracker, *args: torch.Tensor) -> torch.Tensor:
     """``checkpoint(fn, *args)`` whose recompute sees the tracker streams of the first run."""
     snapshot = tracker.get_states()
@@ -168,7 +182,7 @@ class Attention(nn.Module):
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         fork = self.rng.fork(MODEL_PARALLEL) if self.dropout > 0 and self.training else contextlib.nullcontext()
         with fork:
-            return self.core(q, k, v)  # [s, b, n/tp * d]
+            return self.core(q, k, v, self.training)  # [s, b, n/tp * d]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)  # [s, b, (n + 2g)/tp * d]
@@ -258,11 +272,7 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(config, tp_group, **linear)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hidden_dropout == 0 or not self.training:
-            return x
-        # Sequence shards differ across TP ranks; replicated activations must get the same mask.
-        with self.rng.fork(MODEL_PARALLEL if self.sequence_parallel else DATA_PARALLEL):
-            return F.dropout(x, self.hidden_dropout)
+        return hidden_dropout(x, self.hidden_dropout, self.training, self.rng, self.sequence_parallel)
 
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self._dropout(self.attention(self.input_norm(x), cos, sin))  # [s, b, h]

@@ -2,13 +2,24 @@
 
 Dropout draws from the device's default generator (CUDA on GPU, the CPU generator otherwise).
 The tracker keeps named generator states and ``fork(name)`` swaps one in for the duration of a
-``with`` block, then stores its advanced state back and restores the default one:
+``with`` block, then stores its advanced state back and restores the default one.
 
-- ``"model-parallel"``, seeded ``seed + 2718 + tp_rank``: regions whose activations differ across
+Seeding. A model chunk on TP rank t at global virtual pipeline stage p (p = chunk * pp_size +
+pp_rank, unique per (pp_rank, chunk); p = pp_rank without virtual stages) starts from the stage seed
+    seed_p = seed + 100 * p                      (Megatron's ``seed + 100 * pp_rank``)
+and holds two streams:
+
+- ``"model-parallel"``, seeded ``seed_p + 2718 + t``: regions whose activations differ across
   TP ranks (attention dropout on a rank's heads, dropout on sequence-parallel shards), so every
   rank draws an independent mask;
-- ``"data-parallel"``, seeded ``seed``: regions whose activations are replicated across TP, so
-  every TP rank draws the same mask.
+- ``"data-parallel"``, seeded ``seed_p``: regions whose activations are replicated across TP, so
+  every TP rank of a stage draws the same mask.
+
+Distinct stages therefore draw distinct masks in both streams, and stage 0 (the whole model under
+PP1) keeps the seeds ``seed + 2718 + t`` and ``seed``. All streams of a run have distinct seeds
+while tp_size <= 82: two model-parallel seeds coincide only if |t - t'| = 100 |p - p'| >= 100, and a
+data-parallel seed equals a model-parallel one only if t = 100 (p - p') - 2718, whose least
+non-negative solution is t = 82.
 
 The tracker is owned by the model (one per model chunk); ``get_states``/``set_states`` save and
 restore it with checkpoints and let activation recompute replay the same masks.
@@ -48,15 +59,19 @@ def _seeded_state(seed: int, device: torch.device) -> torch.Tensor:
 
 
 class RNGStatesTracker:
-    """Named RNG streams for one model chunk on ``device``; see the module docstring."""
+    """Named RNG streams of the chunk at global virtual ``pipeline_stage`` on TP rank ``tp_rank``
+    on ``device``; seeds as in the module docstring."""
 
-    def __init__(self, seed: int, tp_rank: int, device: torch.device | str | None = None):
+    def __init__(self, seed: int, tp_rank: int, pipeline_stage: int, device: torch.device | str | None = None):
+        if pipeline_stage < 0:
+            raise ValueError(f"pipeline_stage {pipeline_stage} must be >= 0 (chunk * pp_size + pp_rank)")
         self.device = torch.device(device or "cpu")
         if self.device.type == "meta":
             self.device = torch.device("cpu")
         self.states: dict[str, torch.Tensor] = {}
-        self.add(MODEL_PARALLEL, seed + 2718 + tp_rank)
-        self.add(DATA_PARALLEL, seed)
+        stage_seed = seed + 100 * pipeline_stage
+        self.add(MODEL_PARALLEL, stage_seed + 2718 + tp_rank)
+        self.add(DATA_PARALLEL, stage_seed)
 
     def add(self, name: str, seed: int) -> None:
         if name in self.states:
