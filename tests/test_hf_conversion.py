@@ -1,31 +1,43 @@
 """HF conversion: our model vs transformers' LlamaForCausalLM (logits, greedy decoding), round trips,
-a TP2 x PP2 (x 2 virtual chunks) gather/load on 4 gloo processes, the CLI and its errors."""
+a TP2 x PP2 (x 2 virtual chunks) gather/load on 4 gloo processes, the CLI and its errors, and the
+memory both directions hold, measured at the safetensors calls (docs/design.md section 10)."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import weakref
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator, Mapping
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
-from safetensors.torch import load_file
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
 
 from data_fixtures import require_aquila_tokenizer
 from distributed import run_distributed
 from megatron_aquila.checkpoint.full_state import (
+    FULL_STATE_FORMAT,
     gather_full_state_dict,
     load_full_state,
     load_full_state_dict,
+    open_full_state,
     save_full_state,
 )
 from megatron_aquila.checkpoint.hf_mapping import (
     ConversionError,
+    expected_full_shapes,
     TokenIds,
     full_to_hf,
     hf_to_full,
     model_config_from_hf,
     token_ids_from_tokenizer,
 )
+from megatron_aquila.checkpoint.manager import CheckpointModelTensors
 from megatron_aquila.config import ModelConfig, load_config
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.parallel.context import ParallelContext
@@ -61,11 +73,12 @@ def _tp_full(config: ModelConfig) -> dict[str, torch.Tensor]:
     return gather_full_state_dict([_our_model(config)], ParallelContext.single_process())
 
 
-def _random_hf_model(vocab_size: int, dtype: torch.dtype, seed: int = 0) -> "transformers.LlamaForCausalLM":
+def _random_hf_model(vocab_size: int, dtype: torch.dtype, seed: int = 0, num_layers: int = 4
+                     ) -> "transformers.LlamaForCausalLM":
     """A LlamaForCausalLM with random weights (norm weights too, so they are not all ones)."""
     torch.manual_seed(seed)
     hf_config = _hf().LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=16, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
         pad_token_id=0, tie_word_embeddings=False)
     model = _hf().LlamaForCausalLM(hf_config).eval()
@@ -73,6 +86,21 @@ def _random_hf_model(vocab_size: int, dtype: torch.dtype, seed: int = 0) -> "tra
         for param in model.parameters():
             param.normal_(1.0 if param.dim() == 1 else 0.0, 0.1 if param.dim() == 1 else 0.05)
     return model.to(dtype)
+
+
+def _import(src: Path, out: Path, tensor_parallel: int) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """from-hf into ``out``, read back whole (as owned tensors, so they can be sent to worker processes)."""
+    convert.import_hf(src, out, tensor_parallel, make_vocab_size_divisible_by=64)
+    full, config = load_full_state(out)
+    return {name: tensor.clone() for name, tensor in full.items()}, config
+
+
+def _safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory of safetensors files, read with safetensors alone."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
 
 
 def _greedy(model: AquilaModel, prompt: torch.Tensor, steps: int, eos: int) -> torch.Tensor:
@@ -113,17 +141,16 @@ def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(tmp_pat
 def test_hf_to_ours_to_hf_is_bit_identical(tmp_path):
     hf = _random_hf_model(vocab_size=300, dtype=torch.bfloat16)
     hf.save_pretrained(tmp_path / "src")
-    full, config = convert.import_hf(tmp_path / "src", tensor_parallel=2, make_vocab_size_divisible_by=64)
+    full, config = _import(tmp_path / "src", tmp_path / "ours", tensor_parallel=2)
     assert config.vocab_size == 300 and config.kv_heads == 2 and config.ffn_size == 96
     assert full["embedding.weight"].shape == (384, 64)  # 300 -> multiple of 64 x TP2
     assert full["embedding.weight"].dtype == torch.bfloat16
     assert torch.count_nonzero(full["output_layer.weight"][300:]) == 0
-    convert.export_hf(full, config, tmp_path / "back", dtype=torch.bfloat16, token_ids=IDS)
+    convert.export_hf(open_full_state(tmp_path / "ours")[0], config, tmp_path / "back", dtype=torch.bfloat16,
+                      token_ids=IDS)
 
-    source = {}
-    for path in (tmp_path / "src").glob("*.safetensors"):
-        source.update(load_file(str(path)))
-    exported = convert.read_hf_weights(tmp_path / "back")
+    source = _safetensors_dir(tmp_path / "src")
+    exported = _safetensors_dir(tmp_path / "back")
     assert sorted(source) == sorted(exported)
     for name, tensor in source.items():
         assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
@@ -132,7 +159,7 @@ def test_hf_to_ours_to_hf_is_bit_identical(tmp_path):
 def test_import_matches_transformers_logits_tp1(tmp_path):
     hf = _random_hf_model(vocab_size=250, dtype=torch.float32, seed=3)
     hf.save_pretrained(tmp_path / "src")
-    full, config = convert.import_hf(tmp_path / "src", tensor_parallel=1, make_vocab_size_divisible_by=64)
+    full, config = _import(tmp_path / "src", tmp_path / "ours", tensor_parallel=1)
     ours = AquilaModel(config, ParallelContext.single_process()).eval()
     load_full_state_dict([ours], full, ParallelContext.single_process(), config)
     ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(2))
@@ -193,7 +220,7 @@ def test_tp2_pp2_gather_equals_tp1_and_loads_hf_weights(tmp_path):
 
     hf = _random_hf_model(vocab_size=300, dtype=torch.float32, seed=4)  # TP2 pads 300 -> 384 (TP1: 320)
     hf.save_pretrained(tmp_path / "src")
-    hf_full, hf_config = convert.import_hf(tmp_path / "src", tensor_parallel=2, make_vocab_size_divisible_by=64)
+    hf_full, hf_config = _import(tmp_path / "src", tmp_path / "ours", tensor_parallel=2)
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(5))
 
     results = run_distributed(_tp2_pp2_worker, world_size=4, args=(hf_full, hf_config, ids))
@@ -228,10 +255,10 @@ def test_cli_round_trip_with_shards_and_tokenizer(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps({"model": {k: v for k, v in SHAPE.items()}}))
     full = gather_full_state_dict([_our_model(config)], ParallelContext.single_process())
-    save_full_state(tmp_path / "full.safetensors", full, config)
+    save_full_state(tmp_path / "full", full, config)
     tokenizer = _fake_tokenizer(tmp_path / "tok")
 
-    code = convert.main(["to-hf", "--config", str(recipe), "--weights", str(tmp_path / "full.safetensors"),
+    code = convert.main(["to-hf", "--config", str(recipe), "--weights", str(tmp_path / "full"),
                          "--output", str(tmp_path / "hf"), "--tokenizer-dir", str(tokenizer), "--dtype", "fp32",
                          "--max-shard-size", "100KB"])
     assert code == 0
@@ -248,7 +275,7 @@ def test_cli_round_trip_with_shards_and_tokenizer(tmp_path):
     code = convert.main(["from-hf", "--hf-dir", str(out), "--output", str(tmp_path / "back"),
                          "--tensor-parallel", "2", "--make-vocab-size-divisible-by", "64"])
     assert code == 0
-    back, stored = load_full_state(tmp_path / "back" / "full_state.safetensors")
+    back, stored = load_full_state(tmp_path / "back")
     model_section = load_config(tmp_path / "back" / "model.yaml").model
     assert stored == model_section and model_section.padded_vocab_size(2) == 256
     assert (model_section.num_kv_heads, model_section.ffn_size, model_section.norm_eps) == (2, 96, 1e-5)
@@ -317,3 +344,185 @@ def test_tied_hf_checkpoint_gets_an_untied_copy():
 def test_special_ids_come_from_the_real_aquila_tokenizer():
     tokenizer_dir = require_aquila_tokenizer()
     assert token_ids_from_tokenizer(tokenizer_dir, 100008) == TokenIds(bos=100006, eos=100007, pad=0)
+
+
+# ------------------------------------------------------------------ memory held while converting
+class HeldBytes:
+    """What a conversion holds, measured where tensors enter and leave it, whatever code sits between.
+
+    Reads: each tensor returned by ``safe_open(...).get_tensor[s]`` (both ``safetensors.safe_open`` and
+    the ``safetensors.torch.safe_open`` that ``load_file`` calls are wrapped), or by a ``track``ed
+    mapping, counts as alive from the read until it is freed (a weakref finalizer; a view keeps its
+    base alive, so pieces of a tensor count too). ``peak_live`` is the most bytes alive at once.
+    Writes: ``saved`` holds the bytes of each dict handed to ``safetensors.torch.save_file``.
+    """
+
+    def __init__(self, monkeypatch):
+        self.live = self.peak_live = 0
+        self.reads: Counter = Counter()
+        self.saved: list[int] = []
+        real_open, real_save, held = safetensors.safe_open, safetensors.torch.save_file, self
+
+        class TrackedOpen:
+            def __init__(self, *args, **kwargs):
+                self._handle = real_open(*args, **kwargs)
+
+            def __enter__(self):
+                self._handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self._handle.__exit__(*exc)
+
+            def get_tensor(self, name):
+                return held.read(name, self._handle.get_tensor(name))
+
+            def get_tensors(self):  # load_file's call
+                return {name: held.read(name, t) for name, t in self._handle.get_tensors().items()}
+
+            def __getattr__(self, attribute):
+                return getattr(self._handle, attribute)
+
+        def save_file(tensors, filename, metadata=None):
+            self.saved.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+            real_save(tensors, filename, metadata=metadata)
+
+        monkeypatch.setattr(safetensors, "safe_open", TrackedOpen)
+        monkeypatch.setattr(safetensors.torch, "safe_open", TrackedOpen)
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+    def read(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        size = tensor.numel() * tensor.element_size()
+        self.reads[name] += 1
+        self.live += size
+        self.peak_live = max(self.peak_live, self.live)
+        weakref.finalize(tensor, self._freed, size)
+        return tensor
+
+    def _freed(self, size: int) -> None:
+        self.live -= size
+
+    def track(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        held = self
+
+        class Tracked(Mapping):
+            def __getitem__(self, name):
+                return held.read(name, tensors[name])
+
+            def shape_of(self, name):
+                return tensors.shape_of(name)
+
+            def __iter__(self) -> Iterator[str]:
+                return iter(tensors)
+
+            def __len__(self):
+                return len(tensors)
+
+        return Tracked()
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+SHARD = 150_000  # --max-shard-size 150KB: about one layer of the 8-layer model below, an eighth of the model
+
+
+def _assert_bounded(held: HeldBytes, layer_bytes: int, largest_bytes: int, model_bytes: int, sources) -> None:
+    """At most one layer + one shard alive, shards within the limit (+ one tensor), every source read once."""
+    assert held.reads == Counter(list(sources)), "every source tensor read exactly once"
+    assert model_bytes > 3 * (layer_bytes + SHARD)  # the bounds below exclude holding the model
+    assert held.peak_live <= layer_bytes + SHARD, (
+        f"{held.peak_live} bytes read and not yet freed at once; bound one layer {layer_bytes} + one shard {SHARD}")
+    assert len(held.saved) >= 4 and max(held.saved) <= SHARD + largest_bytes, (
+        f"shard dicts of {held.saved} bytes; bound {SHARD} + one tensor {largest_bytes}")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # dcp.save in one process
+def test_from_hf_and_to_hf_hold_one_layer_and_one_shard(tmp_path, monkeypatch):
+    hf = _random_hf_model(vocab_size=300, dtype=torch.float32, seed=6, num_layers=8)
+    hf.save_pretrained(tmp_path / "src", max_shard_size="200KB")
+    source = _safetensors_dir(tmp_path / "src")
+    assert (tmp_path / "src" / "model.safetensors.index.json").is_file() and len(list(
+        (tmp_path / "src").glob("*.safetensors"))) > 2
+    layer_bytes = _bytes(t for name, t in source.items() if name.startswith("model.layers.0."))
+    padded_rows = 384  # 300 -> multiple of 64 x TP2
+    largest_bytes = padded_rows * 64 * 4  # the padded embedding, fp32
+    model_bytes = _bytes(source.values())
+
+    held = HeldBytes(monkeypatch)
+    assert convert.main(["from-hf", "--hf-dir", str(tmp_path / "src"), "--output", str(tmp_path / "ours"),
+                         "--tensor-parallel", "2", "--make-vocab-size-divisible-by", "64",
+                         "--max-shard-size", "150KB"]) == 0
+    _assert_bounded(held, layer_bytes, largest_bytes, model_bytes, source)
+    index = json.loads((tmp_path / "ours" / "full_state.safetensors.index.json").read_text())
+    ours = _safetensors_dir(tmp_path / "ours")
+    assert set(index["weight_map"].values()) == {p.name for p in (tmp_path / "ours").glob("*.safetensors")}
+    assert sorted(index["weight_map"]) == sorted(ours) and index["metadata"]["total_size"] == _bytes(ours.values())
+    qkv = torch.cat([source[f"model.layers.5.self_attn.{p}_proj.weight"].view(2, -1, 16, 64) for p in "qkv"], dim=1)
+    assert torch.equal(ours["layers.5.attention.qkv.weight"], qkv.reshape(-1, 64))  # hand layout: module docstring
+    assert ours["embedding.weight"].shape == (padded_rows, 64)
+
+    held = HeldBytes(monkeypatch)
+    assert convert.main(["to-hf", "--config", str(tmp_path / "ours" / "model.yaml"), "--weights",
+                         str(tmp_path / "ours"), "--output", str(tmp_path / "back"), "--dtype", "fp32",
+                         "--tokenizer-dir", str(_fake_tokenizer(tmp_path / "tok")), "--max-shard-size", "150KB"]) == 0
+    _assert_bounded(held, layer_bytes, largest_bytes, model_bytes, ours)
+    back = _safetensors_dir(tmp_path / "back")
+    assert sorted(back) == sorted(source) and all(torch.equal(back[name], t) for name, t in source.items())
+
+    # to-hf --checkpoint reads a torch.distributed.checkpoint through CheckpointModelTensors
+    dcp.save({f"model.{name}": tensor for name, tensor in ours.items()}, checkpoint_id=str(tmp_path / "dcp"),
+             no_dist=True)
+    held = HeldBytes(monkeypatch)
+    config = load_config(tmp_path / "ours" / "model.yaml").model
+    convert.export_hf(held.track(CheckpointModelTensors(tmp_path / "dcp")), config, tmp_path / "from_dcp",
+                      dtype=torch.float32, token_ids=IDS, max_shard_bytes=SHARD)
+    _assert_bounded(held, layer_bytes, largest_bytes, model_bytes, ours)
+    from_dcp = _safetensors_dir(tmp_path / "from_dcp")
+    assert sorted(from_dcp) == sorted(source) and all(torch.equal(from_dcp[name], t) for name, t in source.items())
+
+
+def test_pytorch_bin_and_single_file_formats_read_like_safetensors_shards(tmp_path):
+    hf = _random_hf_model(vocab_size=250, dtype=torch.float32, seed=8)
+    hf.save_pretrained(tmp_path / "src", max_shard_size="200KB")
+    expected, config = _import(tmp_path / "src", tmp_path / "ours", tensor_parallel=1)
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "src" / "config.json").read_text())
+    torch.save(_safetensors_dir(tmp_path / "src"), tmp_path / "bin" / "pytorch_model.bin")
+    from_bin, _ = _import(tmp_path / "bin", tmp_path / "ours_bin", tensor_parallel=1)
+    assert sorted(from_bin) == sorted(expected) and all(torch.equal(from_bin[k], v) for k, v in expected.items())
+
+    # the earlier one-file full state, and the index path, still load (checkpoint.init_weights takes all three)
+    metadata = {"format": "pt", "megatron_aquila": FULL_STATE_FORMAT,
+                "model_config": json.dumps(asdict(config))}
+    save_file(expected, str(tmp_path / "full_state.safetensors"), metadata=metadata)
+    for path in (tmp_path / "full_state.safetensors", tmp_path / "ours" / "full_state.safetensors.index.json"):
+        loaded, stored = load_full_state(path)
+        assert stored == config and sorted(loaded) == sorted(expected)
+        assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+        model = _our_model(config)
+        load_full_state_dict([model], open_full_state(path)[0], ParallelContext.single_process(), config)
+        assert all(torch.equal(p.detach(), expected[name]) for name, p in model.named_parameters())
+
+
+def test_sharded_full_state_errors_name_the_file(tmp_path):
+    config = _config(num_layers=2)
+    full = _tp_full(config)
+    save_full_state(tmp_path / "full", full, config, max_shard_bytes=50_000)
+    with pytest.raises(ConversionError, match="already holds a full state"):
+        save_full_state(tmp_path / "full", full, config)
+    index = tmp_path / "full" / "full_state.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    assert len(shards) > 1 and sorted(p.name for p in (tmp_path / "full").iterdir()) == sorted(shards + [index.name])
+    assert sorted(load_full_state(tmp_path / "full")[0]) == sorted(expected_full_shapes(config, 256))
+
+    (tmp_path / "full" / shards[-1]).rename(tmp_path / "moved.safetensors")
+    with pytest.raises(ConversionError, match=f"{shards[-1]} does not exist"):
+        open_full_state(tmp_path / "full")
+    index.write_text("{}")
+    with pytest.raises(ConversionError, match="not a safetensors index with a 'weight_map'"):
+        open_full_state(index)
+    with pytest.raises(ConversionError, match="holds neither full_state.safetensors nor"):
+        open_full_state(tmp_path)

@@ -1,6 +1,7 @@
 """Continued pretraining from a Hugging Face model: from-hf, then checkpoint.init_weights in a TP2 run.
 
-A random LlamaForCausalLM (vocab 300) is converted with ``from-hf`` for TP1 (vocab padded to 304);
+A random LlamaForCausalLM (vocab 300) is converted with ``from-hf`` for TP1 (vocab padded to 304)
+into a directory of full-state shards, which ``checkpoint.init_weights`` names;
 a TP2 x DP1 run with the distributed optimizer starts from it, re-padding the vocabulary for TP2
 (to 320), and takes one optimizer step at learning rate 0 (the first warmup step). Its logits must
 still equal transformers' logits, which also proves the fp32 master weights were refreshed from the
@@ -57,10 +58,11 @@ def test_tp2_run_starts_from_hf_weights(tmp_path):
             param.normal_(1.0 if param.dim() == 1 else 0.0, 0.1 if param.dim() == 1 else 0.05)
     hf.save_pretrained(tmp_path / "hf")
     assert convert(["from-hf", "--hf-dir", str(tmp_path / "hf"), "--output", str(tmp_path / "ours"),
-                    "--tensor-parallel", "1", "--make-vocab-size-divisible-by", "16"]) == 0
+                    "--tensor-parallel", "1", "--make-vocab-size-divisible-by", "16", "--max-shard-size", "50KB"]) == 0
+    assert len(list((tmp_path / "ours").glob("full_state-*.safetensors"))) > 4
 
     tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
-    ours = run_distributed(continue_from, 2, args=(str(tmp_path / "ours" / "full_state.safetensors"), tokens))[0]
+    ours = run_distributed(continue_from, 2, args=(str(tmp_path / "ours"), tokens))[0]  # from-hf's output directory
     with torch.no_grad():
         expected = hf(tokens).logits
     difference = (ours - expected).abs().max().item()

@@ -5,52 +5,61 @@
         --tokenizer-dir data/tiny/tokenizer [--model-type llama|aquila] [--dtype bf16|fp16|fp32] \\
         [--max-shard-size 5GB]
 
-    # a full-state weights file (save_full_state) -> HF; the recipe gives the model shape
+    # full-state weights (from-hf output or save_full_state) -> HF; the recipe gives the model shape
     python tools/convert_checkpoint.py to-hf --config examples/tiny/tiny.yaml \\
-        --weights run/full_state.safetensors --output hf/tiny
+        --weights converted/ --output hf/tiny
 
     # HF -> ours, vocabulary padded for the target tensor-parallel size
-    python tools/convert_checkpoint.py from-hf --hf-dir hf/tiny --output converted/ --tensor-parallel 2
+    python tools/convert_checkpoint.py from-hf --hf-dir hf/tiny --output converted/ --tensor-parallel 2 \\
+        [--max-shard-size 5GB]
 
 to-hf writes config.json, generation_config.json, model-0000k-of-0000N.safetensors shards with
 model.safetensors.index.json, and copies the tokenizer files when --tokenizer-dir is given.
-from-hf reads safetensors (or pytorch_model*.bin) weights and writes full_state.safetensors plus
-model.yaml (the recipe's ``model:`` section). Both write to a temporary directory and rename it
-when complete; an existing output is never overwritten. A ``--checkpoint`` is a save directory
-(its ``latest``) or one ``iter_*`` directory; its own resolved config gives the model shape. The
-export streams: tensors are read from the checkpoint one layer at a time and each safetensors
-shard is written as soon as it is full, so memory stays near one shard, not the whole model.
+from-hf reads model.safetensors[.index.json] (or pytorch_model*.bin, see TorchBinFiles) and writes
+full_state-0000k-of-0000N.safetensors shards with full_state.safetensors.index.json, plus model.yaml
+(the recipe's ``model:`` section); ``checkpoint.init_weights`` takes that directory. Both write to
+a temporary directory and rename it when complete; an existing output is never overwritten. A
+``--checkpoint`` is a save directory (its ``latest``) or one ``iter_*`` directory; its own resolved
+config gives the model shape.
+
+Both directions stream (docs/design.md section 10): tensors are read one at a time (a fused qkv or
+gate_up with its pieces), mapped, and each output shard is written as soon as it is full, so host
+memory holds about one layer plus one output shard (--max-shard-size), whatever the model size.
+``benchmarks/bench_convert_memory.py`` measures it.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import math
 import os
 import re
 import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Mapping, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from megatron_aquila.checkpoint.full_state import load_full_state, save_full_state  # noqa: E402
+from megatron_aquila.checkpoint.full_state import (  # noqa: E402
+    DEFAULT_SHARD_BYTES,
+    open_full_state,
+    open_safetensors,
+    save_full_state,
+    write_safetensors_shards,
+)
 from megatron_aquila.checkpoint.hf_mapping import (  # noqa: E402
     HF_DTYPES,
     MODEL_TYPES,
     ConversionError,
-    expected_hf_shapes,
+    check_same_model,
     generation_config_dict,
     hf_config_dict,
-    hf_to_full,
+    iter_full_tensors,
     iter_hf_tensors,
-    check_same_model,
     model_config_from_hf,
     token_ids_from_tokenizer,
 )
@@ -93,50 +102,20 @@ class _StagingDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def write_safetensors_shards(tensors: Iterable[tuple[str, torch.Tensor]], shapes: Mapping[str, tuple[int, ...]],
-                             element_size: int, directory: Path, max_shard_bytes: int) -> None:
-    """model-0000k-of-0000N.safetensors and model.safetensors.index.json, streaming.
-
-    The shards are planned from ``shapes`` (in order; each shard <= max_shard_bytes unless one
-    tensor is larger), then filled from ``tensors`` (the same names in the same order) and each
-    written as soon as it is complete, so only one shard is in memory at a time.
-    """
-    from safetensors.torch import save_file
-
-    shards: list[list[str]] = [[]]
-    shard_bytes = 0
-    for name, shape in shapes.items():
-        size = math.prod(shape) * element_size
-        if shards[-1] and shard_bytes + size > max_shard_bytes:
-            shards.append([])
-            shard_bytes = 0
-        shards[-1].append(name)
-        shard_bytes += size
-    stream = iter(tensors)
-    weight_map: dict[str, str] = {}
-    for index, names in enumerate(shards):
-        filename = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        shard = dict(itertools.islice(stream, len(names)))
-        assert list(shard) == names, f"shard {filename}: planned {names[:3]}..., produced {list(shard)[:3]}..."
-        save_file(shard, str(directory / filename), metadata={"format": "pt"})
-        weight_map.update({name: filename for name in names})
-    total = sum(math.prod(shape) * element_size for shape in shapes.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
 def export_hf(full: Mapping[str, torch.Tensor], config: ModelConfig, output: str | Path, *,
               tokenizer_dir: Optional[str | Path] = None, model_type: str = "llama",
-              dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 10 ** 9,
+              dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
               token_ids=None) -> Path:
-    """Write the HF model directory of a full state dict (module docstring); returns ``output``."""
+    """Write the HF model directory of a full state dict (module docstring); returns ``output``.
+
+    ``full`` may be lazy (a checkpoint or full-state reader): it is read one tensor at a time.
+    """
     ids = token_ids or token_ids_from_tokenizer(tokenizer_dir, config.vocab_size)
     hf_config = hf_config_dict(config, dtype=dtype, model_type=model_type, token_ids=ids)
-    tensors = iter_hf_tensors(full, config, dtype=dtype)  # lazy: one layer at a time
-    element_size = torch.empty((), dtype=dtype).element_size()
+    tensors = iter_hf_tensors(full, config, dtype=dtype)  # checks names and shapes now; reads while writing
     output = Path(output)
     with _StagingDir(output) as tmp:
-        write_safetensors_shards(tensors, expected_hf_shapes(config), element_size, tmp, max_shard_bytes)
+        write_safetensors_shards(tensors, tmp, "model", max_shard_bytes, {"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config_dict(ids), indent=2) + "\n")
         if tokenizer_dir is not None:
@@ -146,54 +125,93 @@ def export_hf(full: Mapping[str, torch.Tensor], config: ModelConfig, output: str
     return output
 
 
-def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF directory: model.safetensors, a safetensors index, or pytorch_model*.bin."""
-    from safetensors.torch import load_file
+class TorchBinFiles(Mapping[str, torch.Tensor]):
+    """pytorch_model*.bin weights as a read-only mapping, one memory-mapped file at a time.
 
-    def files_of(index_name: str) -> list[Path]:
-        index = json.loads((hf_dir / index_name).read_text())
-        if "weight_map" not in index:
-            raise ConversionError(f"{hf_dir / index_name} has no 'weight_map'; the index file is corrupt")
-        return [hf_dir / name for name in sorted(set(index["weight_map"].values()))]
+    A pickled state dict cannot be read tensor by tensor. Each file is opened with
+    ``torch.load(mmap=True)``: its tensors are pages of the file, read when used, and they stay
+    mapped until a tensor of another file is asked for. Host memory thus holds up to one input
+    file of clean page cache (which the kernel may drop), not one layer as with safetensors;
+    convert such a model to safetensors first when one input file does not fit.
+    """
 
-    if (hf_dir / "model.safetensors").is_file():
-        files = [hf_dir / "model.safetensors"]
-    elif (hf_dir / "model.safetensors.index.json").is_file():
-        files = files_of("model.safetensors.index.json")
-    elif (hf_dir / "pytorch_model.bin").is_file():
-        files = [hf_dir / "pytorch_model.bin"]
-    elif (hf_dir / "pytorch_model.bin.index.json").is_file():
-        files = files_of("pytorch_model.bin.index.json")
-    else:
-        raise ConversionError(f"{hf_dir} holds no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
+    def __init__(self, files: list[Path]):
+        self._file_of: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for path in files:
+            for name, tensor in self._load(path).items():  # reads the pickle only; tensor data stays on disk
+                self._file_of[name] = path
+                self._shapes[name] = tuple(tensor.shape)
+        self._open: tuple[Optional[Path], dict[str, torch.Tensor]] = (None, {})
+
+    @staticmethod
+    def _load(path: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise ConversionError(f"weight file {path} named by the index is missing")
-        part = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
-                                                                                      weights_only=True)
-        tensors.update(part)
-    return tensors
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            raise ConversionError(f"cannot memory-map {path} ({error}); re-save it with torch.save of torch >= 1.6 "
+                                  "(zip format) or as safetensors") from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path = self._file_of[name]
+        if self._open[0] != path:
+            self._open = (None, {})  # unmap the previous file before mapping the next
+            self._open = (path, self._load(path))
+        return self._open[1][name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file_of
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def __iter__(self):
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
 
 
-def import_hf(hf_dir: str | Path, tensor_parallel: int, *, make_vocab_size_divisible_by: int = 128,
-              dtype: Optional[torch.dtype] = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """Full state dict (vocab padded for ``tensor_parallel``) and ModelConfig of an HF directory."""
-    hf_dir = Path(hf_dir)
+def open_hf_weights(hf_dir: Path) -> Mapping[str, torch.Tensor]:
+    """The weights of an HF directory, lazily: model.safetensors[.index.json] or pytorch_model*.bin."""
+    if (hf_dir / "model.safetensors").is_file() or (hf_dir / "model.safetensors.index.json").is_file():
+        return open_safetensors(hf_dir, "model")
+    if (hf_dir / "pytorch_model.bin").is_file():
+        return TorchBinFiles([hf_dir / "pytorch_model.bin"])
+    index = hf_dir / "pytorch_model.bin.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index} has no 'weight_map'; the index file is corrupt")
+        return TorchBinFiles([hf_dir / name for name in dict.fromkeys(weight_map.values())])
+    raise ConversionError(f"{hf_dir} holds no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
+
+
+def hf_model_config(hf_dir: Path, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
+    """ModelConfig of an HF directory's config.json."""
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{config_path} does not exist; --hf-dir must be a Hugging Face model directory")
-    config = model_config_from_hf(json.loads(config_path.read_text()), source=str(config_path),
-                                  make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-    full = hf_to_full(read_hf_weights(hf_dir), config, tensor_parallel, dtype=dtype, source=str(hf_dir))
-    return full, config
+    return model_config_from_hf(json.loads(config_path.read_text()), source=str(config_path),
+                                make_vocab_size_divisible_by=make_vocab_size_divisible_by)
 
 
-def write_imported(full: Mapping[str, torch.Tensor], config: ModelConfig, output: str | Path) -> Path:
-    """output/full_state.safetensors and output/model.yaml (a recipe ``model:`` section)."""
+def import_hf(hf_dir: str | Path, output: str | Path, tensor_parallel: int, *,
+              make_vocab_size_divisible_by: int = 128, dtype: Optional[torch.dtype] = None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write ``output``: the full state (vocab padded for ``tensor_parallel``) of an HF directory, and model.yaml.
+
+    Streams (module docstring); ``dtype`` casts the weights (None keeps them). Returns ``output``.
+    """
+    hf_dir = Path(hf_dir)
+    config = hf_model_config(hf_dir, make_vocab_size_divisible_by)
+    tensors = iter_full_tensors(open_hf_weights(hf_dir), config, tensor_parallel, dtype=dtype,
+                                source=str(hf_dir))  # checks names and shapes now; reads while writing
     output = Path(output)
     with _StagingDir(output) as tmp:
-        save_full_state(tmp / "full_state.safetensors", full, config)
+        save_full_state(tmp, tensors, config, max_shard_bytes=max_shard_bytes)
         model = {k: v for k, v in asdict(config).items() if k != "preset"}
         (tmp / "model.yaml").write_text(yaml.safe_dump({"model": model}, sort_keys=False))
     return output
@@ -205,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     to_hf = commands.add_parser("to-hf", help="full-state weights -> Hugging Face directory")
     source = to_hf.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="training checkpoint: save directory or one iter_* directory")
-    source.add_argument("--weights", help="full state safetensors file (save_full_state); needs --config")
+    source.add_argument("--weights", help="full state: from-hf output directory, its index, or one "
+                        "full_state.safetensors; needs --config")
     to_hf.add_argument("--config", help="recipe or resolved config YAML (default with --checkpoint: its own)")
     to_hf.add_argument("--output", required=True, help="new directory to create")
     to_hf.add_argument("--tokenizer-dir", help="tokenizer files to copy; special token ids are read from them")
@@ -215,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     to_hf.add_argument("--max-shard-size", default="5GB")
     from_hf = commands.add_parser("from-hf", help="Hugging Face directory -> full-state weights")
     from_hf.add_argument("--hf-dir", required=True)
-    from_hf.add_argument("--output", required=True, help="new directory: full_state.safetensors + model.yaml")
+    from_hf.add_argument("--output", required=True,
+                         help="new directory: full_state-*.safetensors shards + index, and model.yaml")
     from_hf.add_argument("--tensor-parallel", type=int, default=1, help="pad the vocabulary for this TP size")
     from_hf.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     from_hf.add_argument("--dtype", choices=sorted(HF_DTYPES), help="cast the weights (default: keep)")
+    from_hf.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args(argv)
     try:
         if args.command == "to-hf" and args.checkpoint:
@@ -230,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.config:
                 raise ConversionError("--weights needs --config: the recipe the weights were trained with")
             config = load_config(args.config).model
-            full, stored = load_full_state(args.weights)
+            full, stored = open_full_state(args.weights)  # lazy: read tensor by tensor while writing
             if stored is not None:
                 check_same_model(stored, config, str(args.weights), str(args.config))
             export_hf(full, config, args.output, tokenizer_dir=args.tokenizer_dir, model_type=args.model_type,
@@ -238,10 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.tensor_parallel < 1:
                 raise ConversionError(f"--tensor-parallel {args.tensor_parallel} must be >= 1")
-            full, config = import_hf(args.hf_dir, args.tensor_parallel,
-                                     make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                                     dtype=HF_DTYPES[args.dtype] if args.dtype else None)
-            write_imported(full, config, args.output)
+            import_hf(args.hf_dir, args.output, args.tensor_parallel,
+                      make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                      dtype=HF_DTYPES[args.dtype] if args.dtype else None,
+                      max_shard_bytes=parse_size(args.max_shard_size))
     except (ConversionError, ConfigError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

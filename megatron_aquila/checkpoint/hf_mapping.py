@@ -135,19 +135,23 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def tensor_shape(tensors: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
-    """A tensor's shape; lazy mappings (checkpoint and file readers) answer without reading it."""
+def tensor_shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape; lazy mappings (checkpoint and file readers, with ``shape_of``) read no data.
+
+    Callers check names against this dict, never with ``name in tensors``: a plain ``Mapping``
+    answers ``in`` by reading the tensor.
+    """
     shape_of = getattr(tensors, "shape_of", None)
-    return tuple(shape_of(name)) if shape_of is not None else tuple(tensors[name].shape)
+    return {name: tuple(shape_of(name)) if shape_of is not None else tuple(tensors[name].shape) for name in tensors}
 
 
-def check_names_and_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]],
+def check_names_and_shapes(shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
                            source: str, hint: str) -> None:
     """Raise ConversionError listing missing, unexpected and mis-shaped tensors of ``source``."""
-    missing = [name for name in expected if name not in tensors]
-    unexpected = [name for name in tensors if name not in expected]
-    wrong = [f"{name}: expected {tuple(expected[name])}, got {tensor_shape(tensors, name)}"
-             for name in expected if name in tensors and tensor_shape(tensors, name) != tuple(expected[name])]
+    missing = [name for name in expected if name not in shapes]
+    unexpected = [name for name in shapes if name not in expected]
+    wrong = [f"{name}: expected {tuple(expected[name])}, got {shapes[name]}"
+             for name in expected if name in shapes and tuple(shapes[name]) != tuple(expected[name])]
     problems = []
     if missing:
         more = " ..." if len(missing) > 8 else ""
@@ -161,11 +165,11 @@ def check_names_and_shapes(tensors: Mapping[str, torch.Tensor], expected: Mappin
         raise ConversionError(f"{source} does not match the model config: " + " | ".join(problems) + f". {hint}")
 
 
-def full_vocab_rows(full: Mapping[str, torch.Tensor], config: ModelConfig, source: str) -> int:
-    """The padded vocabulary size of a full state dict (rows of its embedding), checked."""
-    if "embedding.weight" not in full:
+def full_vocab_rows(shapes: Mapping[str, tuple[int, ...]], config: ModelConfig, source: str) -> int:
+    """The padded vocabulary size of a full state dict (rows of its embedding; ``shapes``: tensor_shapes), checked."""
+    if "embedding.weight" not in shapes:
         raise ConversionError(f"{source} has no embedding.weight")
-    rows = tensor_shape(full, "embedding.weight")[0]
+    rows = shapes["embedding.weight"][0]
     if rows < config.vocab_size:
         raise ConversionError(f"{source}: embedding.weight has {rows} rows, fewer than model.vocab_size "
                               f"{config.vocab_size}; the weights belong to another model config")
@@ -181,6 +185,11 @@ def _permute_heads(weight: torch.Tensor, heads: int, to_halves: bool) -> torch.T
     return weight.view(heads, 2, d // 2, h).transpose(1, 2).reshape(rows, h)
 
 
+def _owned(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A contiguous copy in ``dtype``: safetensors refuses views sharing storage, and a copy lets the source go."""
+    return tensor.to(dtype or tensor.dtype, copy=True, memory_format=torch.contiguous_format)
+
+
 def full_to_hf(full: Mapping[str, torch.Tensor], config: ModelConfig,
                dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """LlamaForCausalLM state dict (vocab padding trimmed) of a full state dict; every tensor owns its storage."""
@@ -189,45 +198,51 @@ def full_to_hf(full: Mapping[str, torch.Tensor], config: ModelConfig,
 
 def iter_hf_tensors(full: Mapping[str, torch.Tensor], config: ModelConfig,
                     dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs in ``expected_hf_shapes`` order, reading ``full`` one layer at a time.
+    """(HF name, tensor) pairs in ``expected_hf_shapes`` order, reading ``full`` one tensor at a time.
 
-    Names and shapes are checked before anything is read, so with a lazy ``full`` (a checkpoint
-    reader) a conversion holds about one layer in memory.
+    Names and shapes are checked now, before anything is read. Each fused source (qkv, gate_up) is
+    released once its pieces are copied, so with a lazy ``full`` (a checkpoint or file reader) the
+    iterator holds at most one layer.
     """
-    padded = full_vocab_rows(full, config, "the full state dict")
-    check_names_and_shapes(full, expected_full_shapes(config, padded), "the full state dict",
+    shapes = tensor_shapes(full)
+    padded = full_vocab_rows(shapes, config, "the full state dict")
+    check_names_and_shapes(shapes, expected_full_shapes(config, padded), "the full state dict",
                            "Check that --config describes the model these weights were trained with.")
-    n, g, d, h, v = (config.num_attention_heads, config.kv_heads, config.head_dim, config.hidden_size,
-                     config.vocab_size)
+    return _hf_tensors(full, config, dtype)
 
-    def own(tensor: torch.Tensor) -> torch.Tensor:
-        # Copies: safetensors refuses views sharing storage (q, k, v are slices of one qkv tensor).
-        return tensor.to(dtype or tensor.dtype).clone(memory_format=torch.contiguous_format)
 
-    yield "model.embed_tokens.weight", own(full["embedding.weight"][:v])
+def _split_qkv(qkv: torch.Tensor, config: ModelConfig, dtype: Optional[torch.dtype]) -> list[torch.Tensor]:
+    """Owned q [n d, h], k [g d, h], v [g d, h] of a fused qkv [(n + 2g) d, h] (layout: module docstring)."""
+    n, g, d, h = config.num_attention_heads, config.kv_heads, config.head_dim, config.hidden_size
+    grouped = qkv.view(g, n // g + 2, d, h)
+    q = grouped[:, : n // g].reshape(n * d, h)
+    k = grouped[:, n // g].reshape(g * d, h)
+    if config.rope_interleaved:
+        q, k = _permute_heads(q, n, to_halves=True), _permute_heads(k, g, to_halves=True)
+    return [_owned(q, dtype), _owned(k, dtype), _owned(grouped[:, n // g + 1].reshape(g * d, h), dtype)]
+
+
+def _hf_tensors(full: Mapping[str, torch.Tensor], config: ModelConfig,
+                dtype: Optional[torch.dtype]) -> Iterator[tuple[str, torch.Tensor]]:
+    # Every source tensor is a temporary of one expression, so nothing read stays alive across a yield.
+    v = config.vocab_size
+    yield "model.embed_tokens.weight", _owned(full["embedding.weight"][:v], dtype)
     for i in range(config.num_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
-        qkv = full[src + "attention.qkv.weight"].view(g, n // g + 2, d, h)
-        q = qkv[:, : n // g].reshape(n * d, h)
-        k = qkv[:, n // g].reshape(g * d, h)
-        if config.rope_interleaved:
-            q, k = _permute_heads(q, n, to_halves=True), _permute_heads(k, g, to_halves=True)
-        gate, up = full[src + "mlp.gate_up.weight"]
-        yield dst + "input_layernorm.weight", own(full[src + "input_norm.weight"])
-        yield dst + "self_attn.q_proj.weight", own(q)
-        yield dst + "self_attn.k_proj.weight", own(k)
-        yield dst + "self_attn.v_proj.weight", own(qkv[:, n // g + 1].reshape(g * d, h))
-        yield dst + "self_attn.o_proj.weight", own(full[src + "attention.dense.weight"])
-        yield dst + "post_attention_layernorm.weight", own(full[src + "post_attention_norm.weight"])
-        yield dst + "mlp.gate_proj.weight", own(gate)
-        yield dst + "mlp.up_proj.weight", own(up)
-        yield dst + "mlp.down_proj.weight", own(full[src + "mlp.down.weight"])
-    yield "model.norm.weight", own(full["final_norm.weight"])
-    yield "lm_head.weight", own(full["output_layer.weight"][:v])
+        yield dst + "input_layernorm.weight", _owned(full[src + "input_norm.weight"], dtype)
+        yield from zip([dst + f"self_attn.{p}_proj.weight" for p in "qkv"],
+                       _split_qkv(full[src + "attention.qkv.weight"], config, dtype))
+        yield dst + "self_attn.o_proj.weight", _owned(full[src + "attention.dense.weight"], dtype)
+        yield dst + "post_attention_layernorm.weight", _owned(full[src + "post_attention_norm.weight"], dtype)
+        yield from zip([dst + "mlp.gate_proj.weight", dst + "mlp.up_proj.weight"],  # [2, f, h] -> 2 x [f, h]
+                       [_owned(part, dtype) for part in full[src + "mlp.gate_up.weight"]])
+        yield dst + "mlp.down_proj.weight", _owned(full[src + "mlp.down.weight"], dtype)
+    yield "model.norm.weight", _owned(full["final_norm.weight"], dtype)
+    yield "lm_head.weight", _owned(full["output_layer.weight"][:v], dtype)
 
 
 def resize_vocab(weight: torch.Tensor, vocab_size: int, padded_vocab: int) -> torch.Tensor:
-    """Keep the first ``vocab_size`` rows and append zero rows up to ``padded_vocab``."""
+    """Keep the first ``vocab_size`` rows and append zero rows up to ``padded_vocab`` (always a new tensor)."""
     rows = weight[:vocab_size]
     if padded_vocab == vocab_size:
         return rows.clone()
@@ -236,37 +251,57 @@ def resize_vocab(weight: torch.Tensor, vocab_size: int, padded_vocab: int) -> to
 
 def hf_to_full(hf: Mapping[str, torch.Tensor], config: ModelConfig, tp_size: int,
                dtype: Optional[torch.dtype] = None, source: str = "the HF checkpoint") -> dict[str, torch.Tensor]:
-    """Full state dict (vocab padded for ``tp_size``) of a LlamaForCausalLM state dict.
+    """Full state dict (vocab padded for ``tp_size``) of a LlamaForCausalLM state dict; see iter_full_tensors."""
+    return dict(iter_full_tensors(hf, config, tp_size, dtype, source))
 
-    A tied checkpoint (no ``lm_head.weight``) gets a copy of the embedding as output layer.
+
+def iter_full_tensors(hf: Mapping[str, torch.Tensor], config: ModelConfig, tp_size: int,
+                      dtype: Optional[torch.dtype] = None, source: str = "the HF checkpoint"
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of the full state dict (vocab padded for ``tp_size``) in ``expected_full_shapes`` order.
+
+    Names and shapes are checked now, before anything is read. ``hf`` is then read one tensor at a
+    time (q, k, v together and gate, up together, to fuse them) and nothing read outlives the
+    tensor built from it, so with a lazy ``hf`` (safetensors shards) the iterator holds at most one
+    layer. A tied checkpoint (no ``lm_head.weight``) gets a copy of the embedding as output layer.
     """
     if config.rope_interleaved:
         raise ConversionError("HF Llama weights are rotate-half; import them with model.rope_interleaved false")
-    hf = {name: t for name, t in hf.items() if not _IGNORED_HF_KEYS.match(name)}
-    if "lm_head.weight" not in hf and "model.embed_tokens.weight" in hf:
-        hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
-    check_names_and_shapes(hf, expected_hf_shapes(config), source,
+    shapes = {name: shape for name, shape in tensor_shapes(hf).items() if not _IGNORED_HF_KEYS.match(name)}
+    tied = "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes
+    if tied:
+        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
+    check_names_and_shapes(shapes, expected_hf_shapes(config), source,
                            "Check config.json against the weight files (vocab_size, intermediate_size, heads).")
-    n, g, d, h = config.num_attention_heads, config.kv_heads, config.head_dim, config.hidden_size
-    padded = config.padded_vocab_size(tp_size)
-    full: dict[str, torch.Tensor] = {
-        "embedding.weight": resize_vocab(hf["model.embed_tokens.weight"], config.vocab_size, padded)}
+    return _full_tensors(hf, config, config.padded_vocab_size(tp_size), dtype,
+                         "model.embed_tokens.weight" if tied else "lm_head.weight")
+
+
+def _cast(built: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A tensor built here (cat, stack, resize_vocab: it owns its storage) in ``dtype``, copied only to cast."""
+    return built if dtype is None else built.to(dtype)
+
+
+def _full_tensors(hf: Mapping[str, torch.Tensor], config: ModelConfig, padded: int, dtype: Optional[torch.dtype],
+                  lm_head: str) -> Iterator[tuple[str, torch.Tensor]]:
+    # Every source tensor is a temporary of one expression, so nothing read stays alive across a yield.
+    n, g, d, h, v = (config.num_attention_heads, config.kv_heads, config.head_dim, config.hidden_size,
+                     config.vocab_size)
+    yield "embedding.weight", _cast(resize_vocab(hf["model.embed_tokens.weight"], v, padded), dtype)
     for i in range(config.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        q = hf[src + "self_attn.q_proj.weight"].view(g, n // g, d, h)
-        k = hf[src + "self_attn.k_proj.weight"].view(g, 1, d, h)
-        v = hf[src + "self_attn.v_proj.weight"].view(g, 1, d, h)
-        full.update({
-            dst + "input_norm.weight": hf[src + "input_layernorm.weight"],
-            dst + "attention.qkv.weight": torch.cat([q, k, v], dim=1).reshape((n + 2 * g) * d, h),
-            dst + "attention.dense.weight": hf[src + "self_attn.o_proj.weight"],
-            dst + "post_attention_norm.weight": hf[src + "post_attention_layernorm.weight"],
-            dst + "mlp.gate_up.weight": torch.stack([hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]]),
-            dst + "mlp.down.weight": hf[src + "mlp.down_proj.weight"],
-        })
-    full["final_norm.weight"] = hf["model.norm.weight"]
-    full["output_layer.weight"] = resize_vocab(hf["lm_head.weight"], config.vocab_size, padded)
-    return {name: t.to(dtype or t.dtype).clone(memory_format=torch.contiguous_format) for name, t in full.items()}
+        yield dst + "input_norm.weight", _owned(hf[src + "input_layernorm.weight"], dtype)
+        # q [n d, h], k and v [g d, h] -> [g, n/g + 2, d, h]: kv group j holds its n/g query heads, k_j, v_j
+        yield dst + "attention.qkv.weight", _cast(torch.cat(
+            [hf[src + f"self_attn.{p}_proj.weight"].view(g, -1, d, h) for p in "qkv"], dim=1
+        ).view((n + 2 * g) * d, h), dtype)
+        yield dst + "attention.dense.weight", _owned(hf[src + "self_attn.o_proj.weight"], dtype)
+        yield dst + "post_attention_norm.weight", _owned(hf[src + "post_attention_layernorm.weight"], dtype)
+        yield dst + "mlp.gate_up.weight", _cast(torch.stack(  # 2 x [f, h] -> [2, f, h]
+            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]]), dtype)
+        yield dst + "mlp.down.weight", _owned(hf[src + "mlp.down_proj.weight"], dtype)
+    yield "final_norm.weight", _owned(hf["model.norm.weight"], dtype)
+    yield "output_layer.weight", _cast(resize_vocab(hf[lm_head], v, padded), dtype)
 
 
 def hf_config_dict(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, model_type: str = "llama",

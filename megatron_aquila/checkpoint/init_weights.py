@@ -1,10 +1,12 @@
 """Start a run from full-state weights (continued pretraining from a Hugging Face model).
 
-``tools/convert_checkpoint.py from-hf`` turns a Llama/Aquila2 HF directory into
-``full_state.safetensors``; a recipe names it in ``checkpoint.init_weights``. Each rank reads
-only the tensors its pipeline chunks hold, one at a time from the memory-mapped file, re-pads the vocabulary rows for this run's tensor-parallel size (make_vocab_size_divisible_by x
-TP), keeps its TP slice of the tensors its pipeline chunks hold, and the optimizer's fp32 masters
-are refreshed from the loaded weights. Optimizer moments start at zero. Resuming a checkpoint
+``tools/convert_checkpoint.py from-hf`` turns a Llama/Aquila2 HF directory into a full state
+directory (``full_state-0000k-of-0000N.safetensors`` shards and their index); a recipe names that
+directory (or its index, or a single ``full_state.safetensors`` of the earlier format) in
+``checkpoint.init_weights``. Each rank reads only the tensors its pipeline chunks hold, one at a
+time from the memory-mapped shards (docs/design.md section 10), re-pads the vocabulary rows for
+this run's tensor-parallel size (make_vocab_size_divisible_by x TP), keeps its TP slice of each,
+and the optimizer's fp32 masters are refreshed from the loaded weights. Optimizer moments start at zero. Resuming a checkpoint
 takes precedence: init_weights is used only when ``checkpoint.load`` finds nothing.
 """
 from __future__ import annotations
@@ -27,9 +29,10 @@ VOCAB_ROWS = ("embedding.weight", "output_layer.weight")
 
 def initialize_from_full_state(path: str, config: ModelConfig, model_chunks: list[nn.Module], optimizer,
                                ctx: ParallelContext) -> None:
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ConversionError(f"checkpoint.init_weights {path} does not exist; write it with "
-                              "tools/convert_checkpoint.py from-hf --hf-dir DIR --output OUT (OUT/full_state.safetensors)")
+                              "tools/convert_checkpoint.py from-hf --hf-dir DIR --output OUT and set "
+                              "checkpoint.init_weights=OUT")
     padded = config.padded_vocab_size(ctx.tp_size)
     repad = {name: (lambda tensor: resize_vocab(tensor, config.vocab_size, padded)) for name in VOCAB_ROWS}
     full, stored = open_full_state(path, repad)  # read lazily: this rank's tensors only, one at a time
