@@ -37,6 +37,10 @@ def test_missing_recipe_is_named(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+INTERLEAVED_RAMPUP = ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline_stages=2", "training.train_iters=null",
+                      "training.train_samples=1000", "training.global_batch_size=8", "training.micro_batch_size=1"]
+
+
 @pytest.mark.parametrize("overrides, world, words", [
     (["parallel.tensor_parallel=3"], 6, ["num_attention_heads 8", "tensor_parallel 3"]),
     (["parallel.tensor_parallel=2"], 3, ["world size 3", "tensor_parallel 2", "= 2"]),
@@ -49,6 +53,14 @@ def test_missing_recipe_is_named(tmp_path):
     (["training.train_samples=100"], 1, ["exactly one of training.train_iters and training.train_samples"]),
     (["training.rampup_batch_size=[3, 4, 100]"], 2, ["rampup start 3"]),
     (["data.mock=false"], 1, ["data.data_path is empty"]),
+    (["training.train_iters=null", "training.train_samples=1000", "training.rampup_batch_size=[2, 0, 100]"], 1,
+     ["increment 0 >= 1"]),
+    # every stage but the middle one (batches 2, 5, 8) divides into micro-batches evenly over pp 2
+    (INTERLEAVED_RAMPUP + ["training.rampup_batch_size=[2, 3, 100]"], 2,
+     ["ramp-up stage 1 (global batch 5", "gives 5 = 5 / (micro 1 x dp 1)", "pipeline_parallel 2"]),
+    # the first stage is wrong while the full batch (8) is fine: micro 2 x dp 1, batches 2, 4, 6, 8
+    (INTERLEAVED_RAMPUP + ["training.micro_batch_size=2", "training.rampup_batch_size=[2, 2, 100]"], 2,
+     ["ramp-up stage 0 (global batch 2", "gives 1 = 2 / (micro 2 x dp 1)", "pipeline_parallel 2"]),
 ])
 def test_invalid_layouts_carry_the_numbers(overrides, world, words):
     config = load_config(None, VALID + overrides)
@@ -63,3 +75,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(config.to_yaml())
     assert load_config(path) == config
+
+
+def test_interleaved_rampup_with_every_stage_divisible_passes():
+    config = load_config(None, VALID + INTERLEAVED_RAMPUP + ["training.rampup_batch_size=[2, 2, 100]"])
+    config.validate(2)  # batches 2, 4, 6, 8: 2, 4, 6, 8 micro-batches, all even

@@ -1,16 +1,22 @@
-"""Training-loop behaviour in one process: precision paths, ramp-up, stopping on a bad loss."""
+"""Training-loop behaviour: precision paths, ramp-up, skipped steps, stopping and its collectives."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+import re
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from distributed import run_distributed
 from megatron_aquila.build import build_trainer_parts
 from megatron_aquila.config import load_config
 from megatron_aquila.parallel.context import ParallelContext
-from megatron_aquila.trainer import NonFiniteLossError, Trainer
+from megatron_aquila.trainer import SkippedStepsError, Trainer
+from training import train_with
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -29,22 +35,71 @@ def make_trainer(overrides: list[str]) -> Trainer:
     return Trainer(config, ctx, parts, None, state)
 
 
-def test_nan_loss_stops_the_run_naming_the_iteration():
-    trainer = make_trainer(["training.train_iters=6"])
-    calls = {"n": 0}
+# The optimizer skips a step whose grads are not finite in every precision; under fp16 only a skip
+# at the minimum loss scale counts toward max_skipped_in_a_row (the scaler cannot back off further).
+SKIPPING_PRECISIONS = {
+    "fp32": [],
+    "bf16": ["precision.dtype=bf16"],
+    "fp16-at-min-scale": ["precision.dtype=fp16", "precision.initial_loss_scale=1", "precision.min_loss_scale=1"],
+}
 
-    def poison(module, inputs, output):
-        calls["n"] += 1
-        return output * math.nan if calls["n"] > 4 else output  # 2 micro-batches per iteration: iteration 3
 
-    trainer.parts.model_chunks[0].final_norm.register_forward_hook(poison)
-    with pytest.raises(NonFiniteLossError, match="at iteration 3"):
+def poison_iterations(trainer: Trainer, bad: set[int]) -> None:
+    """Make the loss (and so every grad) NaN in the 1-based iterations ``bad``, as a corrupt batch would."""
+    def hook(module, inputs, output):
+        return output * math.nan if trainer.state.iteration + 1 in bad else output
+
+    trainer.parts.model_chunks[0].final_norm.register_forward_hook(hook)
+
+
+def logged_losses(caplog) -> dict[int, float]:
+    """iteration -> loss of the log lines (IterationStats.format)."""
+    found = {}
+    for record in caplog.records:
+        match = re.match(r"iter\s+(\d+) .*?\| loss ([-+.\w]+) ", record.getMessage())
+        if match:
+            found[int(match.group(1))] = float(match.group(2))
+    return found
+
+
+@pytest.mark.parametrize("precision", list(SKIPPING_PRECISIONS))
+def test_nan_batches_skip_their_steps_and_the_run_goes_on(precision, caplog):
+    caplog.set_level(logging.INFO, logger="megatron_aquila")
+    trainer = make_trainer(["training.train_iters=8", "training.max_skipped_in_a_row=3", "logging.log_interval=4",
+                            *SKIPPING_PRECISIONS[precision]])
+    poison_iterations(trainer, {3, 5, 6})
+    state = trainer.train()
+    assert state.iteration == 8 and state.skipped_iterations == 3
+    assert [math.isnan(loss) for loss in state.history] == [False, False, True, False, True, True, False, False]
+    assert trainer.parts.lr_scheduler.num_steps == 5, "skipped steps must not advance the learning rate"
+    for name, param in trainer.parts.model_chunks[0].named_parameters():
+        assert torch.isfinite(param).all(), f"a skipped step changed {name}"
+    # the interval means leave the NaN losses out and say how many steps were skipped so far
+    history = state.history
+    assert logged_losses(caplog) == pytest.approx({4: (history[0] + history[1] + history[3]) / 3,
+                                                   8: (history[6] + history[7]) / 2}, abs=1e-5)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("iteration 3: optimizer step skipped" in w and "1 in a row" in w for w in warnings), warnings
+    assert any("iteration 6: optimizer step skipped" in w and "2 in a row" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("precision", list(SKIPPING_PRECISIONS))
+def test_max_skipped_in_a_row_stops_the_run_naming_the_iteration(precision):
+    trainer = make_trainer(["training.train_iters=10", "training.max_skipped_in_a_row=3",
+                            *SKIPPING_PRECISIONS[precision]])
+    poison_iterations(trainer, {2, 4, 5, 6, 7})  # iteration 3 succeeds and resets the count
+    with pytest.raises(SkippedStepsError) as error:
         trainer.train()
+    message = str(error.value)
+    for words in ("3 optimizer steps in a row", "iteration 6", "max_skipped_in_a_row 3", "lower optimizer.lr", "bf16"):
+        assert words in message, f"{words!r} not in {message}"
+    assert trainer.state.iteration == 6 and trainer.state.skipped_iterations == 4
 
 
 def test_fp16_overflow_is_skipped_and_the_scale_backs_off():
+    # max_skipped_in_a_row 1: overflow skips while the scale can still back off must not stop the run
     trainer = make_trainer(["training.train_iters=12", "precision.dtype=fp16", "precision.initial_loss_scale=16777216",
-                            "precision.hysteresis=1", "optimizer.lr_warmup_iters=1"])
+                            "precision.hysteresis=1", "optimizer.lr_warmup_iters=1", "training.max_skipped_in_a_row=1"])
     assert trainer.parts.model_chunks[0].embedding.weight.dtype == torch.float16
     state = trainer.train()
     assert state.skipped_iterations >= 1, "a 2^24 loss scale must overflow fp16 grads"
@@ -86,3 +141,32 @@ def test_missing_dataset_is_one_clear_line(tmp_path, monkeypatch):
               "checkpoint.save=null", "checkpoint.save_interval=null", "logging.output_dir=null"])
     message = str(stop.value)
     assert "IndexedDatasetError" in message and f"{prefix}.idx: file not found" in message, message
+
+
+# ---------------------------------------------------------------------------- stopping on time
+def test_exit_duration_collective_runs_on_the_context_device(monkeypatch):
+    """NCCL has no CPU tensors: the elapsed-time MAX must be taken on ctx.device (here a stand-in)."""
+    trainer = make_trainer(["training.train_iters=5", "training.exit_duration_minutes=60"])
+    trainer.ctx = dataclasses.replace(trainer.ctx, world_size=2, device=torch.device("meta"))
+    devices = []
+
+    class Reached(Exception):
+        pass
+
+    def recording_all_reduce(tensor, *args, **kwargs):
+        devices.append(tensor.device)
+        raise Reached
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", recording_all_reduce)
+    with pytest.raises(Reached):
+        trainer.should_stop(time.time(), iterations_this_run=1)
+    assert devices == [torch.device("meta")]
+
+
+def exit_duration_worker(rank: int, world_size: int) -> int:
+    state, _, _ = train_with(SMALL + ["training.train_iters=5", "training.exit_duration_minutes=0"], world_size)
+    return state.iteration
+
+
+def test_exit_duration_stops_every_rank_after_the_same_iteration():
+    assert run_distributed(exit_duration_worker, 2) == [1, 1]

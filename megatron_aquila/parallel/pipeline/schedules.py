@@ -1,9 +1,29 @@
 """Forward-backward schedules over the micro-batches of one iteration.
 
-Every schedule runs ``num_microbatches`` micro-batches through the model chunks and returns the
-per-micro-batch mean losses (detached, on the last pipeline stage; empty elsewhere). The loss
-that is back-propagated is mean_token_loss / num_microbatches x loss_scale, so accumulated grads
-are the gradient of the iteration's mean loss, exactly as with one large batch.
+Every schedule runs ``num_microbatches`` micro-batches through the model chunks and returns, per
+micro-batch, the pair [S_j, n_j] (detached fp32 [2], on the last pipeline stage; empty elsewhere):
+S_j = sum of the token losses whose loss mask is 1, n_j = the number of such tokens. What is
+back-propagated depends on ``loss_average`` (``training.loss_average``). With ``m`` micro-batches
+per DP rank, ``d`` DP ranks, loss scale ``K``, and the DP grad reduction averaging over the ``d``
+ranks (``parallel/data_parallel.py``: g <- (1/d) sum_r g_r):
+
+- per_microbatch: rank r back-propagates K x (S_j / max(n_j, 1)) / m per micro-batch, so the
+  reduced grad is the gradient of (1/(d m)) sum_{r,j} S_{r,j} / n_{r,j}: the mean over all
+  micro-batches of their masked-mean losses (exactly one large batch when every n_j is equal).
+- per_token (Megatron's calculate_per_token_loss): with N = sum_{r,j} n_{r,j} the loss tokens of
+  the whole iteration over DP, rank r back-propagates K x S_j x d / N per micro-batch. Its grad
+  buffer then holds g_r = (d / N) sum_j grad S_{r,j}, and the DP average gives
+  (1/d) sum_r g_r = (1/N) sum_{r,j} grad S_{r,j}: the gradient of the per-token mean
+  L = sum_{r,j} S_{r,j} / N, whatever the masks. The factor d cancels the DP average, which this
+  schedule cannot change. N must be known before the first backward, but only where the loss
+  is: the last stage draws all ``m`` micro-batches at the start of the iteration (every rank's
+  stream carries loss_mask) and all-reduces its local count over DP (one scalar on ctx.device);
+  the other stages draw lazily as before. (Megatron instead back-propagates S_j, sums grads over
+  DP and rescales them by 1/N afterwards; that would need N on every stage and a rescale of the
+  grad buffers outside the schedule, and un-normalised sums overflow fp16 sooner.)
+
+The trainer reduces the pairs to the reported loss the same way (``Trainer._reduce_loss``); see
+docs/design.md section 3.4.
 
 Pipeline schedules (Narayanan et al. 2021), ``p`` stages, ``m`` micro-batches, ``v`` chunks per
 stage, forward F and backward B taking about t_f and t_b:
@@ -34,12 +54,14 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from megatron_aquila.parallel.context import ParallelContext
+from megatron_aquila.parallel.context import ParallelContext, group_size
 from megatron_aquila.parallel.pipeline.p2p import PipelineP2P
 
 Microbatch = dict[str, torch.Tensor]  # tokens, labels, loss_mask, position_ids: each [b, s]
+LOSS_AVERAGES = ("per_microbatch", "per_token")
 
 
 @dataclass
@@ -57,26 +79,60 @@ class ScheduleSpec:
     activation_dtype: torch.dtype
     loss_scale: float = 1.0
     forward_only: bool = False
+    loss_average: str = "per_microbatch"  # per_microbatch | per_token (module docstring)
     timeline: Optional[list] = None  # if a list, pipeline schedules append (kind "F"|"B", chunk,
     #                                  micro-batch, start s, end s) per step (benchmarks)
 
 
-def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of per-token losses [b, s] over the tokens whose mask is 1."""
+def loss_terms(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, n) of one micro-batch: the sum of the per-token losses [b, s] whose mask is 1, and their count."""
     mask = loss_mask.to(per_token_loss.dtype)
-    return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    return (per_token_loss * mask).sum(), mask.sum()
+
+
+def global_loss_tokens(batches: list[Microbatch], ctx: ParallelContext) -> float:
+    """N = sum over DP ranks and the given micro-batches of the loss-mask sums (at least 1).
+
+    All-reduce SUM over ``ctx.dp_group`` on ``ctx.device``, in float64 so that counts stay exact
+    beyond 2^24 tokens per iteration.
+    """
+    local = torch.stack([batch["loss_mask"].sum(dtype=torch.float64) for batch in batches]).sum()
+    local = local.to(ctx.device).reshape(1)
+    if group_size(ctx.dp_group) > 1:
+        dist.all_reduce(local, group=ctx.dp_group)
+    return max(float(local.item()), 1.0)
+
+
+class _Objective:
+    """What one micro-batch back-propagates, and the [S, n] pair it reports (module docstring)."""
+
+    def __init__(self, spec: ScheduleSpec, feed: "_MicrobatchFeed", holds_loss: bool):
+        if spec.loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"loss_average {spec.loss_average!r} must be one of {', '.join(LOSS_AVERAGES)} "
+                             "(training.loss_average)")
+        self.spec = spec
+        self.per_token_factor: Optional[float] = None  # K x d / N (per_token training on the loss stage)
+        if spec.loss_average == "per_token" and holds_loss and not spec.forward_only:
+            batches = [feed.get(index) for index in range(spec.num_microbatches)]
+            self.per_token_factor = spec.loss_scale * spec.ctx.dp_size / global_loss_tokens(batches, spec.ctx)
+
+    def __call__(self, per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to back-propagate, detached [S, n] fp32 [2]) of one micro-batch."""
+        loss_sum, count = loss_terms(per_token_loss, loss_mask)
+        reported = torch.stack([loss_sum.detach(), count]).float()
+        if self.per_token_factor is not None:
+            return loss_sum * self.per_token_factor, reported
+        mean = loss_sum / count.clamp(min=1.0)
+        return mean * (self.spec.loss_scale / self.spec.num_microbatches), reported
 
 
 def run_forward(model: nn.Module, batch: Optional[Microbatch], hidden_states: Optional[torch.Tensor],
                 is_last: bool) -> torch.Tensor:
-    """One chunk's forward: the micro-batch mean loss on the last stage, else hidden states."""
+    """One chunk's forward: the per-token loss [b, s] (fp32) on the last stage, else hidden states."""
     tokens = batch["tokens"] if batch is not None else None
     positions = batch["position_ids"] if batch is not None else None
     labels = batch["labels"] if (batch is not None and is_last) else None
-    output = model(tokens, positions, labels, hidden_states)
-    if is_last:
-        return masked_mean_loss(output, batch["loss_mask"])
-    return output
+    return model(tokens, positions, labels, hidden_states)
 
 
 def _sync_context(spec: ScheduleSpec, final: bool) -> contextlib.AbstractContextManager:
@@ -94,15 +150,18 @@ def forward_backward_no_pipelining(spec: ScheduleSpec, microbatches: Iterator[Mi
     """Gradient accumulation on one stage: forward and backward each micro-batch in turn."""
     assert len(spec.model_chunks) == 1, f"no-pipeline schedule takes one model chunk, got {len(spec.model_chunks)}"
     model = spec.model_chunks[0]
+    feed = _MicrobatchFeed(microbatches, spec.num_microbatches)
+    objective = _Objective(spec, feed, holds_loss=True)
     losses: list[torch.Tensor] = []
     for index in range(spec.num_microbatches):
-        batch = next(microbatches)
+        batch = feed.get(index)
+        feed.release(index)
         with _sync_context(spec, final=index == spec.num_microbatches - 1):
             with torch.no_grad() if spec.forward_only else contextlib.nullcontext():
-                loss = run_forward(model, batch, None, is_last=True)
+                loss, reported = objective(run_forward(model, batch, None, is_last=True), batch["loss_mask"])
             if not spec.forward_only:
-                (loss * (spec.loss_scale / spec.num_microbatches)).backward()
-        losses.append(loss.detach())
+                loss.backward()
+        losses.append(reported)
     return losses
 
 
@@ -167,6 +226,7 @@ class _StageRunner:
         self.feed = _MicrobatchFeed(microbatches, spec.num_microbatches)
         self.p2p = PipelineP2P.from_context(spec.ctx, spec.seq_length, spec.micro_batch_size, spec.hidden_size,
                                             spec.sequence_parallel, spec.activation_dtype)
+        self.objective = _Objective(spec, self.feed, holds_loss=spec.ctx.is_last_stage)
         self.losses: list[torch.Tensor] = []
         self.backward_count = [0] * self.num_chunks
 
@@ -193,11 +253,11 @@ class _StageRunner:
         batch = self.feed.get(microbatch)
         with torch.no_grad() if self.spec.forward_only else contextlib.nullcontext():
             output = run_forward(self.spec.model_chunks[chunk], batch, input_tensor, is_last)
+            if is_last:
+                output, reported = self.objective(output, batch["loss_mask"])
+                self.losses.append(reported)
         if chunk == self.num_chunks - 1:  # this stage's last use of the micro-batch
             self.feed.release(microbatch)
-        if is_last:
-            self.losses.append(output.detach())
-            output = output * (self.spec.loss_scale / self.spec.num_microbatches)
         self._record("F", chunk, microbatch, start)
         return output
 
