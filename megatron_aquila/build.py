@@ -2,31 +2,36 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_aquila.batch_schedule import BatchSchedule
 from megatron_aquila.checkpoint.init_weights import initialize_from_full_state
-from megatron_aquila.checkpoint.manager import load_checkpoint
+from megatron_aquila.checkpoint.manager import load_checkpoint, will_resume
 from megatron_aquila.config import Config
 from megatron_aquila.data.loader import build_streams
-from megatron_aquila.metrics import MetricsWriter, device_peak_tflops
+from megatron_aquila.metrics import MetricsWriter
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.model.flops import flops_per_iteration
+from megatron_aquila.optim.build import build_optimizer
 from megatron_aquila.optim.lr_schedule import LRScheduler
-from megatron_aquila.optim.optimizer import build_optimizer
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.data_parallel import DataParallelGradBuffer
 from megatron_aquila.parallel.pipeline.partition import chunk_has_embedding, chunk_has_head, chunk_layer_ids
-from megatron_aquila.trainer import TrainerParts, TrainingState
+from megatron_aquila.peak_flops import shared_peak_tflops
+from megatron_aquila.training_state import TrainerParts, TrainingState
 
 logger = logging.getLogger("megatron_aquila")
 
-def build_model_chunks(config: Config, ctx: ParallelContext, device: Optional[torch.device] = None) -> list[AquilaModel]:
-    """This rank's model chunks: one per virtual pipeline stage, layers assigned by partition.py."""
+
+def build_model_chunks(config: Config, ctx: ParallelContext, device: Optional[torch.device] = None,
+                       initialize: bool = True) -> list[AquilaModel]:
+    """This rank's model chunks: one per virtual pipeline stage, layers assigned by partition.py.
+
+    ``initialize=False`` allocates the parameters without drawing them (a checkpoint or
+    ``init_weights`` is about to overwrite every one).
+    """
     p, vpp = config.parallel, config.parallel.virtual_pipeline_stages
     return [
         AquilaModel(
@@ -35,31 +40,17 @@ def build_model_chunks(config: Config, ctx: ParallelContext, device: Optional[to
             pre_process=chunk_has_embedding(ctx.pp_rank, chunk),
             post_process=chunk_has_head(ctx.pp_rank, chunk, ctx.pp_size, vpp),
             params_dtype=config.precision.torch_dtype, device=device or ctx.device, seed=config.training.seed,
+            pipeline_stage=chunk * ctx.pp_size + ctx.pp_rank, initialize=initialize,
         )
         for chunk in range(vpp)
     ]
 
 
-def shared_peak_tflops(config: Config, ctx: ParallelContext) -> float:
-    """Per-device peak; on CPU rank 0 measures the machine once and the others receive it."""
-    processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if ctx.device.type == "cpu" and config.logging.peak_tflops is None and ctx.world_size > 1:
-        value = torch.zeros(1, dtype=torch.float64)
-        if ctx.rank == 0:
-            peak, source = device_peak_tflops(ctx.device, None, processes_per_node)
-            value[0] = peak
-            logger.info(f"MFU peak: {peak * 1e3:.1f} GFLOP/s per process ({source})")
-        dist.broadcast(value, src=0)
-        return float(value.item())
-    peak, source = device_peak_tflops(ctx.device, config.logging.peak_tflops, processes_per_node)
-    logger.info(f"MFU peak: {peak:.4f} TFLOP/s per device ({source})")
-    return peak
-
-
 def build_trainer_parts(config: Config, ctx: ParallelContext) -> tuple[TrainerParts, TrainingState]:
     p, t = config.parallel, config.training
     torch.manual_seed(t.seed)
-    chunks = build_model_chunks(config, ctx)
+    overwritten = will_resume(config) or config.checkpoint.init_weights is not None
+    chunks = build_model_chunks(config, ctx, initialize=not overwritten)
     local_params = sum(param.numel() for chunk in chunks for param in chunk.parameters())
     logger.info(f"{ctx.describe()} | {local_params:,} parameters on this rank | {chunks[0].kernel_description()}")
     buffers = [DataParallelGradBuffer(chunk, ctx, p.grad_bucket_size_mb, p.overlap_grad_reduce, p.distributed_optimizer)

@@ -104,6 +104,9 @@ class TrainingConfig:
     seed: int = 1234
     exit_interval: Optional[int] = None     # stop (after saving) at an iteration multiple of this
     exit_duration_minutes: Optional[float] = None
+    max_skipped_in_a_row: int = 10          # stop after this many consecutive skipped steps (inf/nan grads)
+    loss_average: str = "per_microbatch"    # per_microbatch (mean of micro-batch means) | per_token (Megatron's
+                                            # calculate_per_token_loss: token-loss sum / loss-token count)
 
 
 @dataclass
@@ -160,7 +163,9 @@ class CheckpointConfig:
     load: Optional[str] = None
     no_load_optim: bool = False
     no_load_rng: bool = False
-    init_weights: Optional[str] = None      # full_state.safetensors (convert_checkpoint.py from-hf) when not resuming
+    init_weights: Optional[str] = None      # from-hf output directory (or its index, or a full_state.safetensors) when not resuming
+    async_save: bool = False                # stage to host memory, write in the background while training goes on
+    keep_last: Optional[int] = None         # keep the N newest complete checkpoints (None keeps all)
 
 
 @dataclass
@@ -349,11 +354,21 @@ def validate_config(config: Config, world_size: int) -> None:
         _require(len(t.rampup_batch_size) == 3,
                  f"training.rampup_batch_size {t.rampup_batch_size} must be [start, increment, ramp_samples]")
         start, increment, _ = t.rampup_batch_size
+        _require(1 <= start <= t.global_batch_size and increment >= 1,
+                 f"rampup start {start} must be in [1, global_batch_size {t.global_batch_size}] and increment "
+                 f"{increment} >= 1")
         _require(start % step == 0 and increment % step == 0,
                  f"rampup start {start} and increment {increment} must be multiples of micro x dp = {step}")
         _require((t.global_batch_size - start) % increment == 0,
                  f"global_batch_size {t.global_batch_size} - rampup start {start} is not a multiple of "
                  f"increment {increment}")
+        if vpp > 1:  # every ramp-up stage's batch runs through the interleaved schedule
+            for stage, batch in enumerate(range(start, t.global_batch_size + 1, increment)):
+                _require((batch // step) % pp == 0,
+                         f"interleaved pipelining needs micro-batches per step divisible by pipeline_parallel "
+                         f"{pp}, but ramp-up stage {stage} (global batch {batch} of rampup_batch_size "
+                         f"{t.rampup_batch_size}) gives {batch // step} = {batch} / (micro {t.micro_batch_size} x "
+                         f"dp {dp}); make rampup start and increment multiples of micro x dp x pp = {step * pp}")
     _require((t.train_iters is None) != (t.train_samples is None),
              "set exactly one of training.train_iters and training.train_samples "
              f"(got train_iters={t.train_iters}, train_samples={t.train_samples})")
@@ -370,3 +385,10 @@ def validate_config(config: Config, world_size: int) -> None:
     _require(config.logging.log_interval >= 1, f"logging.log_interval {config.logging.log_interval} must be >= 1")
     if config.checkpoint.save_interval is not None:
         _require(config.checkpoint.save is not None, "checkpoint.save_interval is set but checkpoint.save is not")
+    if config.checkpoint.keep_last is not None:
+        _require(config.checkpoint.keep_last >= 1,
+                 f"checkpoint.keep_last {config.checkpoint.keep_last} must be >= 1 (or unset to keep every checkpoint)")
+    _require(t.max_skipped_in_a_row >= 1,
+             f"training.max_skipped_in_a_row {t.max_skipped_in_a_row} must be >= 1")
+    _require(t.loss_average in ("per_microbatch", "per_token"),
+             f"training.loss_average {t.loss_average!r} must be per_microbatch or per_token")

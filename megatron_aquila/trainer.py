@@ -4,7 +4,16 @@ One iteration: zero the grad buffers; run the layout's forward-backward schedule
 iteration's micro-batches (their number follows the batch-size ramp-up); finish the data-parallel
 grad reduction; step the optimizer (which unscales, checks inf/nan on every rank, clips by the
 global norm and may skip); advance the learning rate by the samples consumed; reduce the loss
-over pipeline stages and data-parallel ranks for the log line.
+over pipeline stages and data-parallel ranks for the log line (as a per-micro-batch or per-token
+mean, ``training.loss_average``; see ``parallel/pipeline/schedules.py``).
+
+Skipped steps: the optimizer skips a step whose gradients are not finite (a NaN/Inf loss from a
+bad batch, a diverging run, an fp16 overflow). The run goes on, counts it in ``skipped`` and
+leaves non-finite losses out of the logged interval mean; after ``training.max_skipped_in_a_row``
+consecutive skipped steps it stops with ``SkippedStepsError``. Under fp16 an overflow is the loss
+scaler's business while it can still back off, so a skipped step counts toward that limit only
+once its loss scale is at ``precision.min_loss_scale`` (docs/design.md section 10). Every
+collective runs on ``ctx.device`` (NCCL has no CPU tensors).
 
 Checkpoints (``megatron_aquila.checkpoint``): saved every ``checkpoint.save_interval`` iterations
 and whenever the loop stops (end of training, exit_interval, exit_duration_minutes, or a
@@ -15,52 +24,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_aquila.batch_schedule import BatchSchedule
-from megatron_aquila.checkpoint.manager import save_checkpoint
+from megatron_aquila.checkpoint.saver import CheckpointSaver
 from megatron_aquila.checkpoint.signals import StopSignalHandler
 from megatron_aquila.config import Config
 from megatron_aquila.metrics import IterationStats, MetricsWriter
 from megatron_aquila.parallel.context import ParallelContext, group_size
 from megatron_aquila.parallel.pipeline.schedules import Microbatch, ScheduleSpec, get_forward_backward_func
+from megatron_aquila.training_state import TrainerParts, TrainingState
 
 logger = logging.getLogger("megatron_aquila")
 
-MicrobatchStreamFactory = Callable[[int], Iterator[Microbatch]]  # consumed samples -> micro-batches
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or Inf (not an fp16 overflow, which the loss scaler handles)."""
-
-
-@dataclass
-class TrainingState:
-    """Progress counters; what a checkpoint must restore to resume exactly."""
-
-    iteration: int = 0
-    consumed_train_samples: int = 0
-    skipped_iterations: int = 0
-    history: list[float] = field(default_factory=list)  # every iteration's reduced loss (this process's run)
-
-
-@dataclass
-class TrainerParts:
-    """The built components the loop drives (see ``megatron_aquila.build``)."""
-
-    model_chunks: list[torch.nn.Module]
-    grad_buffers: list
-    optimizer: object          # MixedPrecisionOptimizer / DistributedOptimizer
-    lr_scheduler: object       # LRScheduler
-    batch_schedule: BatchSchedule
-    train_stream: MicrobatchStreamFactory
-    valid_stream: Optional[MicrobatchStreamFactory]
-    flops_per_sample: float    # model FLOPs per sample (section 6 formula with B = 1)
-    peak_tflops: float
+class SkippedStepsError(RuntimeError):
+    """``training.max_skipped_in_a_row`` optimizer steps in a row were skipped for non-finite gradients."""
 
 
 class Trainer:
@@ -73,12 +53,14 @@ class Trainer:
         self.train_iters = (parts.batch_schedule.iterations_for(config.training.train_samples)
                             if self.use_samples else config.training.train_iters)
         self.last_saved_iteration = self.state.iteration  # a fresh run or the checkpoint just loaded
+        self.saver = CheckpointSaver(config, ctx)
+        self.skipped_in_a_row = 0  # consecutive skipped steps that count toward max_skipped_in_a_row
 
     def save_checkpoint(self) -> None:
         """Save at the current iteration when ``checkpoint.save`` is set (once per iteration)."""
         if self.config.checkpoint.save is None or self.state.iteration == self.last_saved_iteration:
             return
-        save_checkpoint(self.config, self.ctx, self.parts, self.state)
+        self.saver.save(self.parts, self.state)
         self.last_saved_iteration = self.state.iteration
 
     # ----------------------------------------------------------------- one iteration
@@ -90,18 +72,31 @@ class Trainer:
             seq_length=model.seq_length, hidden_size=model.hidden_size,
             sequence_parallel=self.config.parallel.sequence_parallel, activation_dtype=self.config.precision.torch_dtype,
             loss_scale=1.0 if forward_only else self.parts.optimizer.loss_scale, forward_only=forward_only,
+            loss_average=self.config.training.loss_average,
         )
 
     def _reduce_loss(self, microbatch_losses: list[torch.Tensor]) -> float:
-        """Mean over micro-batches (last stage), summed over stages, averaged over data parallel."""
-        local = torch.stack(microbatch_losses).mean() if microbatch_losses else torch.zeros(())
-        local = local.to(device=self.ctx.device, dtype=torch.float32).reshape(1)
+        """The iteration's loss from the last stage's per-micro-batch [S_j, n_j] (schedules.py).
+
+        One quotient of sums: each rank contributes (numerator, denominator) =
+        (mean_j S_j / max(n_j, 1), 1) under per_microbatch or (sum_j S_j, sum_j n_j) under per_token
+        on the last stage, (0, 0) elsewhere; both are summed over the pipeline and then over data
+        parallel, and divided: the mean of the micro-batch means over DP, or sum S / sum n over every
+        micro-batch of every DP rank (the per-token mean).
+        """
+        local = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)  # [numerator, denominator]
+        if microbatch_losses:
+            pairs = torch.stack(microbatch_losses).to(device=self.ctx.device, dtype=torch.float64)  # [m, 2]
+            if self.config.training.loss_average == "per_token":
+                local = pairs.sum(dim=0)
+            else:
+                local[0] = (pairs[:, 0] / pairs[:, 1].clamp(min=1.0)).mean()
+                local[1] = 1.0
         if group_size(self.ctx.pp_group) > 1:
             dist.all_reduce(local, group=self.ctx.pp_group)
         if group_size(self.ctx.dp_group) > 1:
             dist.all_reduce(local, group=self.ctx.dp_group)
-            local /= self.ctx.dp_size
-        return float(local.item())
+        return float((local[0] / local[1].clamp(min=1.0)).item())
 
     def train_step(self, microbatches: Iterator[Microbatch], num_microbatches: int):
         for model in self.parts.model_chunks:
@@ -140,17 +135,30 @@ class Trainer:
         if t.exit_interval and self.state.iteration % t.exit_interval == 0:
             return f"exit_interval {t.exit_interval} reached at iteration {self.state.iteration}"
         if t.exit_duration_minutes is not None:
-            elapsed = torch.tensor([(time.time() - started) / 60.0])
+            elapsed = torch.tensor([(time.time() - started) / 60.0], dtype=torch.float64, device=self.ctx.device)
             if self.ctx.world_size > 1:  # every rank must agree to stop at the same iteration
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
             if elapsed.item() >= t.exit_duration_minutes:
                 return f"exit_duration_minutes {t.exit_duration_minutes} reached"
         return None
 
     def train(self) -> TrainingState:
-        cfg, parts, state = self.config, self.parts, self.state
+        stream = self.parts.train_stream(self.state.consumed_train_samples)
+        try:
+            self._loop(stream)
+        except BaseException:
+            self.saver.drain_after_error()   # an earlier state's background write may still complete
+            raise
+        stream.close()  # shut the data loader down now, not at interpreter exit
+        self.save_checkpoint()
+        self.saver.close()   # an async save completes (on every rank) before the run returns
+        if self.metrics is not None:
+            self.metrics.close()
+        return self.state
+
+    def _loop(self, stream: Iterator[Microbatch]) -> None:
+        cfg, state = self.config, self.state
         started = time.time()
-        stream = parts.train_stream(state.consumed_train_samples)
         interval_losses, interval_seconds, interval_iters = [], 0.0, 0
         first_iteration = state.iteration
         with StopSignalHandler(self.ctx) as signals:
@@ -158,7 +166,7 @@ class Trainer:
                 reason = self.should_stop(started, state.iteration - first_iteration)
                 if reason:
                     logger.info(f"stopping: {reason}")
-                    break
+                    return
                 loss, seconds, global_batch, result = self._train_iteration(stream)
                 interval_losses.append(loss)
                 interval_seconds += seconds
@@ -172,12 +180,7 @@ class Trainer:
                     self.save_checkpoint()
                 if signals.should_stop():
                     logger.info(f"stopping: stop signal received, at iteration {state.iteration}")
-                    break
-        stream.close()  # shut the data loader down now, not at interpreter exit
-        self.save_checkpoint()
-        if self.metrics is not None:
-            self.metrics.close()
-        return state
+                    return
 
     def _train_iteration(self, stream: Iterator[Microbatch]) -> tuple[float, float, int, object]:
         """One optimizer step and its counters; returns (loss, seconds, global batch, StepResult)."""
@@ -191,25 +194,46 @@ class Trainer:
         seconds = time.perf_counter() - tick
         state.iteration += 1
         state.consumed_train_samples += global_batch
+        state.history.append(loss)
         if result.successful:
             parts.lr_scheduler.step(global_batch if self.use_samples else 1)
+            self.skipped_in_a_row = 0
         else:
             state.skipped_iterations += 1
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss} at iteration {state.iteration} (consumed samples "
-                f"{state.consumed_train_samples}); lower optimizer.lr, check the data, or use bf16")
-        state.history.append(loss)
+            self._count_skipped(loss, result)
         return loss, seconds, global_batch, result
 
+    def _count_skipped(self, loss: float, result) -> None:
+        """Count a skipped step toward ``max_skipped_in_a_row`` (module docstring) and stop at the limit.
+
+        ``result.successful`` is agreed over the world, so every rank raises at the same iteration.
+        """
+        cfg, state = self.config, self.state
+        limit = cfg.training.max_skipped_in_a_row
+        if cfg.precision.dtype == "fp16" and result.loss_scale > cfg.precision.min_loss_scale:
+            return  # the scaler backs off and retries
+        self.skipped_in_a_row += 1
+        if self.ctx.rank == 0:
+            logger.warning(f"iteration {state.iteration}: optimizer step skipped, gradients not finite (loss {loss}); "
+                           f"{self.skipped_in_a_row} in a row, the run stops at training.max_skipped_in_a_row {limit}")
+        if self.skipped_in_a_row >= limit:
+            raise SkippedStepsError(
+                f"{self.skipped_in_a_row} optimizer steps in a row skipped for non-finite gradients, the last at "
+                f"iteration {state.iteration} (loss {loss}, consumed samples {state.consumed_train_samples}, "
+                f"precision {cfg.precision.dtype}; training.max_skipped_in_a_row {limit}): lower optimizer.lr, "
+                "check the data these iterations read, or train in bf16 (precision.dtype=bf16) rather than fp16")
+
     def _log(self, losses: list[float], seconds: float, global_batch: int, result) -> None:
+        """Log the interval's mean loss over its finite losses (nan if none was finite)."""
         if self.ctx.rank != 0:
             return
         cfg = self.config
+        finite = [loss for loss in losses if math.isfinite(loss)]
         stats = IterationStats(
             iteration=self.state.iteration, consumed_samples=self.state.consumed_train_samples,
             consumed_tokens=self.state.consumed_train_samples * cfg.model.seq_length,
-            lr=self.parts.lr_scheduler.lr, loss=sum(losses) / len(losses), grad_norm=result.grad_norm,
+            lr=self.parts.lr_scheduler.lr, loss=sum(finite) / len(finite) if finite else math.nan,
+            grad_norm=result.grad_norm,
             loss_scale=result.loss_scale if cfg.precision.dtype == "fp16" else None,
             skipped_iterations=self.state.skipped_iterations, iteration_seconds=seconds,
             global_batch_size=global_batch, seq_length=cfg.model.seq_length, world_size=self.ctx.world_size,

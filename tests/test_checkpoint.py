@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -35,8 +36,20 @@ data: {{mock: true, num_workers: 0}}
 logging: {{log_interval: 1}}
 """
 RUNNER = """
-import json, sys
+import json, os, signal, sys, threading
+import torch.distributed.checkpoint as dcp
 from megatron_aquila.train import main
+kill_at = os.environ.get("KILL_WRITER_AT")  # "RANK:iter_XXXXXXX": SIGKILL that rank while it writes that save
+if kill_at:
+    rank, directory = kill_at.split(":")
+    real_write = dcp.FileSystemWriter.write_data
+    def write_then_die(self, plan, planner):
+        result = real_write(self, plan, planner)
+        if os.environ["RANK"] == rank and directory in str(self.path):
+            assert threading.current_thread() is not threading.main_thread(), "expected the async writer thread"
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    dcp.FileSystemWriter.write_data = write_then_die
 losses_path, argv = sys.argv[1], sys.argv[2:]
 state = main(argv)
 import os
@@ -55,7 +68,8 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
-def launch(workdir: Path, name: str, nproc: int, overrides: list[str]) -> tuple[subprocess.Popen, Path, Path]:
+def launch(workdir: Path, name: str, nproc: int, overrides: list[str], extra_env: Optional[dict[str, str]] = None
+           ) -> tuple[subprocess.Popen, Path, Path]:
     """Start a run (torchrun when nproc > 1); returns the process, its losses file and its log file."""
     losses, log = workdir / f"{name}.losses.json", workdir / f"{name}.log"
     script = [str(workdir / "runner.py"), str(losses), str(workdir / "recipe.yaml"), *overrides]
@@ -64,7 +78,7 @@ def launch(workdir: Path, name: str, nproc: int, overrides: list[str]) -> tuple[
                    *script]
     else:
         command = [sys.executable, *script]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(extra_env or {})}
     process = subprocess.Popen(command, cwd=workdir, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     return process, losses, log
 
@@ -139,6 +153,8 @@ def test_exact_resume_with_exit_interval(workdir, reference):
 @pytest.mark.parametrize("name, nproc, layout", [
     ("tp1_single_process", 1, ["parallel.tensor_parallel=1", "parallel.distributed_optimizer=false"]),
     ("tp1_pp2_dp2", 4, ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=2"]),
+    ("tp1_dp4_zero1", 4, ["parallel.tensor_parallel=1"]),
+    ("tp2_dp2_no_zero1", 4, ["parallel.distributed_optimizer=false"]),
 ])
 def test_reshard_continues_the_run(workdir, reference, name, nproc, layout):
     load = workdir / "reference" / "iter_0000012"
@@ -260,3 +276,30 @@ def test_killed_rank_then_relaunch_matches_uninterrupted_run(workdir, reference)
     losses = run(workdir, "fault_b", 4, overrides)
     assert sorted(losses) == list(range(resumed_from + 1, TRAIN_ITERS + 1))
     assert losses == {i: reference[i] for i in losses}
+
+
+def test_zero1_off_to_on_and_dp2_to_dp4(workdir):
+    """A plain-optimizer DP2 checkpoint continues under ZeRO-1 with DP4, like the run that saved it."""
+    save = workdir / "plain_dp2"
+    layout = ["parallel.tensor_parallel=1", "parallel.distributed_optimizer=false", "training.train_iters=6"]
+    original = run(workdir, "plain_dp2", 2, [*layout, f"checkpoint.save={save}", "checkpoint.save_interval=4"])
+    losses = run(workdir, "zero1_dp4", 4, [*layout, "parallel.distributed_optimizer=true",
+                                           f"checkpoint.load={save / 'iter_0000004'}"])
+    assert sorted(losses) == [5, 6]
+    for iteration in (5, 6):
+        assert losses[iteration] == pytest.approx(original[iteration], rel=1e-5, abs=0), iteration
+
+
+def test_async_save_killed_mid_write_keeps_the_previous_checkpoint(workdir, reference):
+    """Async saves: a rank killed while its writer thread writes iteration 8 leaves iteration 4 (written
+    in the background too) as latest; relaunching resumes from it bit-exactly, saving asynchronously."""
+    save = workdir / "async_kill"
+    overrides = [f"checkpoint.save={save}", f"checkpoint.load={save}", f"checkpoint.save_interval={SAVE_INTERVAL}",
+                 "checkpoint.async_save=true"]
+    process, _, log = launch(workdir, "async_kill_a", 4, overrides, {"KILL_WRITER_AT": "1:iter_0000008"})
+    assert process.wait(timeout=600) != 0, "the job should fail when a rank dies"
+    assert latest_iteration(save) == 4
+    assert (save / "iter_0000008.tmp").is_dir() and not (save / "iter_0000008").exists()
+    losses = run(workdir, "async_kill_b", 4, overrides)
+    assert losses == {i: reference[i] for i in range(5, TRAIN_ITERS + 1)}
+    assert latest_iteration(save) == TRAIN_ITERS

@@ -1,48 +1,48 @@
-"""Save, find and load resumable distributed checkpoints (torch.distributed.checkpoint).
+"""Find, check and load resumable distributed checkpoints (torch.distributed.checkpoint).
 
-Layout under ``checkpoint.save``::
-
-    {save}/iter_0000200/          DCP shards (*.distcp) + .metadata, and meta.json
-    {save}/latest                 text: the directory name of the newest complete checkpoint
-
-A save writes ``iter_XXXXXXX.tmp/`` (DCP collectively, then rank 0 adds ``meta.json``); after a
-barrier rank 0 renames it to ``iter_XXXXXXX/`` and replaces ``latest`` atomically (temporary file
-+ ``os.replace``). A crash at any point leaves the previous checkpoint and ``latest`` intact.
-
-``meta.json`` holds the non-tensor state: TrainingState counters, lr scheduler, grad scaler,
-Adam step count, the saving layout and the resolved config (YAML text). Nothing is pickled.
+Layout and the order of a save: ``saver``. ``meta.json`` holds the non-tensor state:
+TrainingState counters, lr scheduler, grad scaler, Adam step count, the saving layout and the
+resolved config (YAML text). Nothing is pickled.
 
 ``checkpoint.load`` may name a directory holding ``latest`` (resume the newest), or one
 ``iter_*`` directory. A directory without ``latest`` (or one that does not exist yet) starts the
 run from scratch, so a recipe can set ``load`` equal to ``save``. A partial checkpoint (a
-``.tmp`` directory, no ``.metadata`` or ``meta.json``) is a ``CheckpointError`` naming the path.
+``.tmp`` directory, no ``.metadata`` or ``meta.json``, a missing shard file, a tensor whose saved
+chunks do not cover it) is a ``CheckpointError`` naming the path.
+
+Every rank reads only its own pieces, straight into its parameters and optimizer state
+(``state``); the chunks saved under any TP x PP x DP layout (ZeRO-1 or not) are read by overlap.
+
+Formats: ``v2`` (this code) writes each rank's optimizer pieces as their own chunks; ``v1`` wrote
+each optimizer tensor whole after a DP all-reduce. Both store the same keys and global shapes,
+so both load; any other format is refused with its name.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_aquila.checkpoint import state as ckpt_state
-from megatron_aquila.checkpoint.mesh import tp_device_mesh
+from megatron_aquila.checkpoint.shards import BoxesLoadPlanner
+from megatron_aquila.config import Config
 from megatron_aquila.parallel.context import ParallelContext
-
-if TYPE_CHECKING:
-    from megatron_aquila.config import Config
-    from megatron_aquila.trainer import TrainerParts, TrainingState
+from megatron_aquila.training_state import TrainerParts, TrainingState
 
 logger = logging.getLogger("megatron_aquila")
 
-META_FORMAT = "megatron_aquila.checkpoint.v1"
+META_FORMAT = "megatron_aquila.checkpoint.v2"
+READABLE_FORMATS = (META_FORMAT, "megatron_aquila.checkpoint.v1")
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
 
@@ -51,68 +51,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded; the message names the path and how to fix it."""
 
 
-def iteration_dir_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _layout(config: "Config", ctx: ParallelContext) -> dict[str, int]:
+def layout_of(config: Config, ctx: ParallelContext) -> dict[str, int]:
+    """The saving layout recorded in meta.json (RNG states are restored only under the same one)."""
     return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size,
             "vpp": config.parallel.virtual_pipeline_stages, "world": ctx.world_size}
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-# ---------------------------------------------------------------------------------- save
-def save_checkpoint(config: "Config", ctx: ParallelContext, parts: "TrainerParts", state: "TrainingState") -> Path:
-    """Collectively save the full training state at ``state.iteration`` under ``config.checkpoint.save``."""
-    root = Path(config.checkpoint.save)
-    final = root / iteration_dir_name(state.iteration)
-    staging = root / (final.name + ".tmp")
-    if ctx.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if staging.exists():   # left by a crashed save of the same iteration
-            shutil.rmtree(staging)
-    _barrier()
-    mesh = tp_device_mesh(ctx)
-    optimizer = parts.optimizer
-    step = ckpt_state.adam_step(optimizer, ctx)
-    values: dict[str, torch.Tensor] = {}
-    values.update(ckpt_state.model_state(parts.model_chunks, mesh))
-    values.update(ckpt_state.optimizer_state(optimizer, parts.model_chunks, ctx, mesh, with_moments=step > 0))
-    values.update(ckpt_state.rng_state(parts.model_chunks, ctx.rank))
-    dcp.save(values, checkpoint_id=str(staging), no_dist=not dist.is_initialized())
-    if ctx.rank == 0:
-        meta = {
-            "format": META_FORMAT, "iteration": state.iteration,
-            "consumed_train_samples": state.consumed_train_samples, "skipped_iterations": state.skipped_iterations,
-            "lr_scheduler": parts.lr_scheduler.state_dict(),
-            "grad_scaler": None if optimizer.grad_scaler is None else optimizer.grad_scaler.state_dict(),
-            "adam_step": step, "optimizer_kind": optimizer.kind, "layout": _layout(config, ctx),
-            "config_yaml": config.to_yaml(),
-        }
-        _write_text_atomic(staging / META_FILE, json.dumps(meta, indent=1))
-    _barrier()
-    if ctx.rank == 0:
-        if final.exists():     # re-saving an iteration (e.g. after resuming from it): replace it
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _write_text_atomic(root / LATEST_FILE, final.name + "\n")
-    _barrier()
-    logger.info(f"saved checkpoint {final} (iteration {state.iteration}, "
-                f"{state.consumed_train_samples} consumed samples)")
-    return final
 
 
 # ---------------------------------------------------------------------------------- find
@@ -142,12 +84,39 @@ def read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"cannot read {path / META_FILE}: {error}") from None
-    if meta.get("format") != META_FORMAT:
-        raise CheckpointError(f"{path / META_FILE} has format {meta.get('format')!r}, expected {META_FORMAT!r}")
+    if meta.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path / META_FILE} has format {meta.get('format')!r}; this version reads "
+                              f"{', '.join(READABLE_FORMATS)}: convert it with the version that wrote it (its "
+                              "to-hf export, then from-hf) or load it with that version")
     return meta
 
 
-def _check_keys(path: Path, wanted: dict[str, torch.Tensor]) -> None:
+def check_complete(path: Path) -> None:
+    """Every shard file the metadata names is present and long enough, and every tensor's chunks cover it.
+
+    A checkpoint missing some ranks' shards (a lost ``__3_0.distcp``, a copy that skipped files)
+    fails here with the file names instead of deep inside DCP or, worse, with garbage weights.
+    """
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    absent = sorted(name for name, end in needed.items()
+                    if not (path / name).is_file() or (path / name).stat().st_size < end)
+    if absent:
+        raise CheckpointError(f"checkpoint {path} is missing or has truncated shard file(s) {', '.join(absent[:4])}"
+                              f"{' ...' if len(absent) > 4 else ''} ({len(absent)} of {len(needed)}): the shards of "
+                              "some ranks are lost; restore them or load an earlier complete iter_* directory")
+    for key, item in metadata.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata):
+            covered = sum(math.prod(chunk.sizes) for chunk in item.chunks)
+            if covered != math.prod(item.size):
+                raise CheckpointError(f"checkpoint {path}: {key} has chunks covering {covered} of its "
+                                      f"{math.prod(item.size)} elements: some ranks' shards were not saved; load "
+                                      "an earlier complete iter_* directory")
+
+
+def _check_keys(path: Path, wanted: dict[str, Any]) -> None:
     """Every wanted key exists in the checkpoint with the same global shape (clear error otherwise)."""
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     missing = sorted(key for key in wanted if key not in saved)
@@ -155,25 +124,28 @@ def _check_keys(path: Path, wanted: dict[str, torch.Tensor]) -> None:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensor(s), e.g. {missing[:3]}; it was saved "
                               "from another model (compare num_layers / names) or without that state")
     for key, value in wanted.items():
-        if tuple(saved[key].size) != tuple(value.shape):
+        if tuple(saved[key].size) != tuple(value.size()):
             raise CheckpointError(f"checkpoint {path}: {key} has global shape {tuple(saved[key].size)}, this model "
-                                  f"needs {tuple(value.shape)}; model shapes (or the vocab padding: "
+                                  f"needs {tuple(value.size())}; model shapes (or the vocab padding: "
                                   "make_vocab_size_divisible_by x TP) must match")
 
 
-def _dcp_load(path: Path, values: dict[str, torch.Tensor]) -> None:
+def _dcp_load(path: Path, values: dict[str, Any]) -> None:
     _check_keys(path, values)
-    dcp.load(values, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    dcp.load(values, checkpoint_id=str(path), planner=BoxesLoadPlanner(), no_dist=not dist.is_initialized())
+
+
+def will_resume(config: Config) -> bool:
+    """Whether ``checkpoint.load`` names a checkpoint to resume (so random initialisation can be skipped)."""
+    return config.checkpoint.load is not None and resolve_checkpoint(config.checkpoint.load) is not None
 
 
 # ---------------------------------------------------------------------------------- load
-def load_checkpoint(config: "Config", ctx: ParallelContext, parts: "TrainerParts") -> Optional["TrainingState"]:
+def load_checkpoint(config: Config, ctx: ParallelContext, parts: TrainerParts) -> Optional[TrainingState]:
     """Restore model, optimizer, lr scheduler, RNG and counters from ``config.checkpoint.load``.
 
     Returns the restored TrainingState, or None when there is nothing to load (start from scratch).
     """
-    from megatron_aquila.trainer import TrainingState
-
     c = config.checkpoint
     if c.load is None:
         return None
@@ -182,26 +154,33 @@ def load_checkpoint(config: "Config", ctx: ParallelContext, parts: "TrainerParts
         logger.info(f"no checkpoint to resume in {c.load} (no '{LATEST_FILE}' file): starting from scratch")
         return None
     meta = read_meta(path)
-    mesh = tp_device_mesh(ctx)
-    chunks = parts.model_chunks
-    values = ckpt_state.model_state(chunks, mesh, empty=True)
+    check_complete(path)
+    chunks, optimizer = parts.model_chunks, parts.optimizer
+    values: dict[str, Any] = ckpt_state.model_state(chunks, ctx)
     load_optim = not c.no_load_optim
     if load_optim:
-        values.update(ckpt_state.empty_optimizer_state(chunks, mesh, with_moments=meta["adam_step"] > 0))
-    same_layout = meta["layout"] == _layout(config, ctx)
+        if (meta["grad_scaler"] is None) != (optimizer.grad_scaler is None):
+            raise CheckpointError(f"checkpoint {path} was saved {'with' if meta['grad_scaler'] else 'without'} an "
+                                  "fp16 loss scaler and this run differs; resume with the same precision.dtype or "
+                                  "set checkpoint.no_load_optim=true")
+        step = meta["adam_step"]
+        if step > 0:
+            ckpt_state.allocate_adam_state(optimizer, step)
+        values.update(ckpt_state.optimizer_state(optimizer, ctx, with_moments=step > 0))
+    same_layout = meta["layout"] == layout_of(config, ctx)
     load_rng = not c.no_load_rng and same_layout
     if load_rng:
         values.update({key: torch.empty_like(v) for key, v in ckpt_state.rng_state(chunks, ctx.rank).items()})
     elif not c.no_load_rng:
-        logger.warning(f"checkpoint layout {meta['layout']} differs from this run's {_layout(config, ctx)}: "
+        logger.warning(f"checkpoint layout {meta['layout']} differs from this run's {layout_of(config, ctx)}: "
                        f"RNG states not restored; generators keep their seeding from training.seed")
     _dcp_load(path, values)
-    ckpt_state.apply_model_state(chunks, values)
     if load_optim:
-        ckpt_state.apply_optimizer_state(parts.optimizer, values, meta["adam_step"], meta["grad_scaler"])
+        if optimizer.grad_scaler is not None:
+            optimizer.grad_scaler.load_state_dict(meta["grad_scaler"])
         parts.lr_scheduler.load_state_dict(meta["lr_scheduler"])
     else:
-        ckpt_state.refresh_masters(parts.optimizer)
+        ckpt_state.refresh_masters(optimizer)
     if load_rng:
         ckpt_state.apply_rng_state(chunks, values, ctx.rank)
     logger.info(f"loaded checkpoint {path} (iteration {meta['iteration']}, saved with layout {meta['layout']}"
@@ -220,11 +199,10 @@ def load_checkpoint_into(model_chunks: Iterable[nn.Module], path: str | os.PathL
     resolved = resolve_checkpoint(path)
     if resolved is None:
         raise CheckpointError(f"{path} holds no checkpoint: expected a '{LATEST_FILE}' file or an iter_* directory")
-    chunks = list(model_chunks)
-    values = ckpt_state.model_state(chunks, tp_device_mesh(ctx), empty=True)
-    _dcp_load(resolved, values)
-    ckpt_state.apply_model_state(chunks, values)
-    return read_meta(resolved)
+    meta = read_meta(resolved)
+    check_complete(resolved)
+    _dcp_load(resolved, ckpt_state.model_state(list(model_chunks), ctx))
+    return meta
 
 
 class CheckpointModelTensors(Mapping[str, torch.Tensor]):
@@ -252,6 +230,9 @@ class CheckpointModelTensors(Mapping[str, torch.Tensor]):
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(value, checkpoint_id=str(self.path), no_dist=True)
         return value[f"model.{name}"]
+
+    def __contains__(self, name: object) -> bool:   # Mapping's default would read the tensor
+        return name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)

@@ -1,13 +1,15 @@
-"""Model, optimizer and RNG state as flat torch.distributed.checkpoint state dicts.
+"""Model, optimizer and RNG state as flat torch.distributed.checkpoint state dicts, by reference.
 
-Keys (every value a tensor; DCP keeps them layout-independent through ``mesh.as_global``):
+Keys (``checkpoint.shards`` turns each rank's pieces into chunks of the global tensors):
 
-- ``model.{name}``: the parameter ``name`` (global layer ids) as its global tensor;
+- ``model.{name}``: the parameter ``name`` (global layer ids) as its global (TP1) tensor; each
+  rank offers its TP shard, a view of the parameter itself;
 - ``optim.{master,exp_avg,exp_avg_sq}.{name}``: the fp32 master weight and Adam moments in
-  *model space*, i.e. shaped and sharded like the parameter. Under ZeRO-1 each DP rank owns the
-  flattened range ``[lo, hi)`` of a parameter; the whole TP-local tensor is the sum over DP of
-  zero-filled tensors with each owned range written (the ranges partition the parameter, so the
-  all-reduce is exact). On load each rank takes back its own range, whatever the saving layout;
+  *model space*, i.e. global tensors shaped like the parameter. Each rank offers exactly the
+  elements it updates: the whole TP shard with the plain optimizer, its ZeRO-1 flat range
+  ``[lo, hi)`` of the TP shard under the distributed optimizer. The chunks are views of the
+  optimizer's own tensors: a save hands DCP no new memory and a load writes in place, so no rank
+  ever holds more than its own shard (DCP itself copies one chunk at a time when it writes a view);
 - ``rng.rank{r}.*``: this rank's torch / CUDA / numpy / python generators and the model chunks'
   TP-aware tracker streams (restored only under the identical layout, see ``manager``).
 
@@ -17,17 +19,17 @@ scaler are small scalars kept in the checkpoint's ``meta.json`` instead.
 from __future__ import annotations
 
 import random
-from typing import Iterable, Optional
+from typing import Iterable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 
-from megatron_aquila.checkpoint.mesh import as_global, to_local
-from megatron_aquila.optim.optimizer import STATE_FORMAT, MixedPrecisionOptimizer
-from megatron_aquila.parallel.context import ParallelContext, group_size
+from megatron_aquila.checkpoint.shards import ShardedBoxes, range_boxes
+from megatron_aquila.optim.optimizer import MixedPrecisionOptimizer
+from megatron_aquila.parallel.context import ParallelContext
+from megatron_aquila.parallel.layers import full_shape
 
 OPTIMIZER_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -43,76 +45,69 @@ def named_parameters(model_chunks: Iterable[nn.Module]) -> dict[str, nn.Paramete
     return params
 
 
+def _boxes(param: nn.Parameter, lo: int, values: torch.Tensor, ctx: ParallelContext) -> ShardedBoxes:
+    """``values`` (elements ``[lo, lo + numel)`` of ``param``'s TP shard) as chunks of the global tensor."""
+    sharded = bool(getattr(param, "tensor_model_parallel", False))
+    return range_boxes(full_shape(param, ctx.tp_size), param, lo, values,
+                       param.partition_dim if sharded else None, ctx.tp_rank)
+
+
 # ---------------------------------------------------------------------------------- model
-def model_state(model_chunks: Iterable[nn.Module], mesh: Optional[DeviceMesh], *, empty: bool = False
-                ) -> dict[str, torch.Tensor]:
-    """``model.{name}`` -> global view of each parameter (``empty``: fresh buffers to load into)."""
-    return {f"model.{name}": as_global(torch.empty_like(p.detach()) if empty else p.detach(), p, mesh)
-            for name, p in named_parameters(model_chunks).items()}
-
-
-@torch.no_grad()
-def apply_model_state(model_chunks: Iterable[nn.Module], loaded: dict[str, torch.Tensor]) -> None:
-    """Copy loaded ``model.*`` values into the parameters."""
-    for name, param in named_parameters(model_chunks).items():
-        param.copy_(to_local(loaded[f"model.{name}"]))
+def model_state(model_chunks: Iterable[nn.Module], ctx: ParallelContext) -> dict[str, ShardedBoxes]:
+    """``model.{name}`` -> this rank's TP shard of each parameter (views: saves read, loads write in place)."""
+    return {f"model.{name}": _boxes(p, 0, p.detach(), ctx) for name, p in named_parameters(model_chunks).items()}
 
 
 # ---------------------------------------------------------------------------------- optimizer
 def adam_step(optimizer: MixedPrecisionOptimizer, ctx: ParallelContext) -> int:
-    """Number of Adam steps taken (MAX over the world: a rank may own no piece under ZeRO-1)."""
+    """Number of Adam steps taken (MAX over the world: a rank may own no piece under ZeRO-1).
+
+    The all-reduce runs on ``ctx.device``: NCCL has no backend for CPU tensors.
+    """
     steps = [float(s["step"]) for s in optimizer.adamw.state.values()] if optimizer.adamw is not None else []
-    value = torch.tensor([max(steps, default=0.0)], dtype=torch.float64)
+    value = torch.tensor([max(steps, default=0.0)], dtype=torch.float64, device=ctx.device)
     if ctx.world_size > 1:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return int(value.item())
 
 
-@torch.no_grad()
-def optimizer_state(optimizer: MixedPrecisionOptimizer, model_chunks: list[nn.Module], ctx: ParallelContext,
-                    mesh: Optional[DeviceMesh], with_moments: bool) -> dict[str, torch.Tensor]:
-    """``optim.{key}.{name}`` -> model-space fp32 tensors (see the module docstring)."""
-    params = named_parameters(model_chunks)
+def _adam_tensors(optimizer: MixedPrecisionOptimizer, master: torch.Tensor) -> dict[str, torch.Tensor]:
+    return optimizer.adamw.state.get(master, {}) if optimizer.adamw is not None else {}
+
+
+def optimizer_state(optimizer: MixedPrecisionOptimizer, ctx: ParallelContext, with_moments: bool
+                    ) -> dict[str, ShardedBoxes]:
+    """``optim.{key}.{name}`` -> this rank's pieces of the model-space fp32 tensors (module docstring)."""
     keys = OPTIMIZER_KEYS if with_moments else OPTIMIZER_KEYS[:1]
-    full = {(key, name): torch.zeros(p.shape, dtype=torch.float32, device=p.device)  # [TP-local shape]
-            for name, p in params.items() for key in keys}
+    state: dict[str, ShardedBoxes] = {}
     for piece in optimizer.pieces:
-        adam = optimizer.adamw.state.get(piece.master, {}) if optimizer.adamw is not None else {}
-        sources = {"master": piece.master, "exp_avg": adam.get("exp_avg"), "exp_avg_sq": adam.get("exp_avg_sq")}
+        sources = {"master": piece.master, **_adam_tensors(optimizer, piece.master)}
         for key in keys:
-            if sources[key] is None:
+            if key not in sources:
                 raise RuntimeError(f"Adam state {key} of {piece.name} is missing although {with_moments=}; "
                                    "the optimizer state is inconsistent across parameters")
-            full[key, piece.name].view(-1)[piece.lo:piece.hi].copy_(sources[key].reshape(-1))
-    if getattr(optimizer, "kind", "") == "distributed" and group_size(ctx.dp_group) > 1:
-        for tensor in full.values():
-            dist.all_reduce(tensor, group=ctx.dp_group)
-    return {f"optim.{key}.{name}": as_global(tensor, params[name], mesh) for (key, name), tensor in full.items()}
+            state[f"optim.{key}.{piece.name}"] = _boxes(piece.param, piece.lo, sources[key].detach(), ctx)
+    return state
 
 
-def empty_optimizer_state(model_chunks: list[nn.Module], mesh: Optional[DeviceMesh], with_moments: bool
-                          ) -> dict[str, torch.Tensor]:
-    """Buffers to load ``optim.*`` into (fp32, shaped like each parameter's TP shard)."""
-    keys = OPTIMIZER_KEYS if with_moments else OPTIMIZER_KEYS[:1]
-    return {f"optim.{key}.{name}": as_global(torch.empty(p.shape, dtype=torch.float32, device=p.device), p, mesh)
-            for name, p in named_parameters(model_chunks).items() for key in keys}
+@torch.no_grad()
+def allocate_adam_state(optimizer: MixedPrecisionOptimizer, step: int) -> None:
+    """Give every piece zero Adam moments (to load into) and the step count ``step``.
 
-
-def apply_optimizer_state(optimizer: MixedPrecisionOptimizer, loaded: dict[str, torch.Tensor], step: int,
-                          grad_scaler_state: Optional[dict]) -> None:
-    """Give every optimizer piece its range of the loaded model-space tensors (any saving layout)."""
-    params: list[dict] = [{} for _ in optimizer.grad_buffers]
-    for piece in optimizer.pieces:
-        entry = {"shape": tuple(piece.param.shape), "range": (piece.lo, piece.hi)}
-        keys = OPTIMIZER_KEYS if step > 0 else OPTIMIZER_KEYS[:1]
-        for key in keys:
-            entry[key] = to_local(loaded[f"optim.{key}.{piece.name}"]).reshape(-1)[piece.lo:piece.hi].clone()
-        if step > 0:
-            entry["step"] = float(step)
-        params[piece.chunk][piece.name] = entry
-    optimizer.load_state_dict({"format": STATE_FORMAT, "kind": optimizer.kind, "dp_rank": optimizer.ctx.dp_rank,
-                               "dp_size": optimizer.ctx.dp_size, "grad_scaler": grad_scaler_state,
-                               "params": params})
+    Only this rank's pieces are allocated: the moments a ZeRO-1 rank owns, nothing more. The step
+    tensor follows torch.optim.AdamW's own placement (on the device for fused / capturable).
+    """
+    if optimizer.adamw is None:
+        return
+    for group in optimizer.adamw.param_groups:
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for master in group["params"]:
+            entry = optimizer.adamw.state[master]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key not in entry:
+                    entry[key] = torch.zeros_like(master, memory_format=torch.preserve_format)
+            entry["step"] = torch.tensor(float(step), dtype=torch.float32,
+                                         device=master.device if on_device else "cpu")
 
 
 @torch.no_grad()
