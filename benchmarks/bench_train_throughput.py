@@ -5,7 +5,7 @@
 Runs the real training path (build_trainer_parts + Trainer.train_step: forward, backward, grad
 buffer, AdamW) on the ``small-512`` preset (hidden 512, 8 layers, 8 heads, seq 512, vocab 32000,
 fp32) with synthetic data, after a warm-up iteration, and prints tokens/s, achieved GFLOP/s
-(DESIGN.md section 6 formula) and MFU against an fp32 matmul peak measured in the same run with
+(docs/design.md section 6 formula) and MFU against an fp32 matmul peak measured in the same run with
 the same thread count. The figure is meaningful only on an otherwise idle machine.
 """
 from __future__ import annotations

@@ -165,7 +165,7 @@ def test_reshard_continues_the_run(workdir, reference, name, nproc, layout):
 
 
 def test_reshard_tp2_pp2_dp2_to_tp1_pp4_dp2_and_one_process(workdir):
-    """DESIGN's resharding example: an 8-process TP2 x PP2 x DP2 run (sequence parallel, ZeRO-1) saves at
+    """A resharding example: an 8-process TP2 x PP2 x DP2 run (sequence parallel, ZeRO-1) saves at
     iteration 4; TP1 x PP4 x DP2 and one process load it and continue with the original run's losses."""
     save = workdir / "tp2pp2dp2"
     four_layers = ["model.num_layers=4", "training.train_iters=6"]

@@ -1,4 +1,4 @@
-"""Analytic parameter count and FLOPs (DESIGN.md sections 6 and 7)."""
+"""Analytic parameter count and FLOPs (docs/design.md sections 6 and 7)."""
 from __future__ import annotations
 
 import pytest

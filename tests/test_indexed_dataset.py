@@ -22,7 +22,7 @@ DOCUMENTS = [[0, 1], [2]]
 
 
 def hand_built_idx() -> bytes:
-    """The .idx of SEQUENCES/DOCUMENTS packed field by field from the DESIGN.md table."""
+    """The .idx of SEQUENCES/DOCUMENTS packed field by field from the docs/design.md table (section 4)."""
     return (
         b"MMIDIDX\x00\x00"
         + struct.pack("<Q", 1)  # version

@@ -188,7 +188,7 @@ def train_tokens_per_epoch(prefix: str) -> int:
 
 
 def final_epoch_shuffled_alone(shuffle_index: np.ndarray, num_samples: int, tokens_per_epoch: int) -> bool:
-    """Whether the samples before the final epoch are shuffled among themselves only (DESIGN.md section 5)."""
+    """Whether the samples before the final epoch are shuffled among themselves only (docs/design.md section 5)."""
     epochs = -(-(num_samples * SEQ_LENGTH + 1) // tokens_per_epoch)
     before_final = ((epochs - 1) * tokens_per_epoch - 1) // SEQ_LENGTH
     return epochs > 1 and np.array_equal(np.sort(shuffle_index[:before_final]), np.arange(before_final))

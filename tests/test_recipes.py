@@ -1,4 +1,4 @@
-"""Aquila2 recipes against DESIGN.md section 7, and the dry-run planner against real models."""
+"""Aquila2 recipes against docs/design.md section 7, and the dry-run planner against real models."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE_7B = ROOT / "examples/aquila2/7b/aquila2_7b.yaml"
 RECIPE_34B = ROOT / "examples/aquila2/34b/aquila2_34b.yaml"
 
-# DESIGN.md section 7, written out here independently of the recipes.
+# docs/design.md section 7, written out here independently of the recipes.
 EXPECTED_7B = {
     "model.num_layers": 32, "model.hidden_size": 4096, "model.num_attention_heads": 32, "model.kv_heads": 32,
     "model.ffn_size": 11008, "model.seq_length": 2048, "model.vocab_size": 100008,
@@ -50,7 +50,7 @@ EXPECTED_34B = {
     "optimizer.weight_decay": 0.1, "optimizer.clip_grad": 1.0, "optimizer.lr": 1.5e-4, "optimizer.min_lr": 1.5e-5,
     "optimizer.lr_decay_style": "cosine", "optimizer.lr_warmup_samples": 500_000,
 }
-DESIGN_PARAMETERS = {"7b": 7_295_537_152, "34b": 33_693_554_688}
+AQUILA2_PARAMETERS = {"7b": 7_295_537_152, "34b": 33_693_554_688}
 
 
 def _lookup(config, dotted: str):
@@ -63,7 +63,7 @@ def _lookup(config, dotted: str):
 def test_recipe_values_match_design(recipe, expected, padded_vocab, tp):
     config = load_config(recipe)
     wrong = {k: (_lookup(config, k), v) for k, v in expected.items() if _lookup(config, k) != v}
-    assert not wrong, f"recipe {recipe.name} differs from DESIGN.md section 7 (got, expected): {wrong}"
+    assert not wrong, f"recipe {recipe.name} differs from docs/design.md section 7 (got, expected): {wrong}"
     assert config.model.padded_vocab_size(tp) == padded_vocab
     assert config.data.data_path and not config.data.mock
 
@@ -145,7 +145,7 @@ def test_planner_total_parameters_equal_design(size, recipe, world):
     padded_total = sum(r.sharded for r in ranks) + sum(r.replicated for r in ranks if r.tp_rank == 0)
     h = config.model.hidden_size
     padding = config.model.padded_vocab_size(config.parallel.tensor_parallel) - 100008
-    assert padded_total - 2 * padding * h == DESIGN_PARAMETERS[size]
+    assert padded_total - 2 * padding * h == AQUILA2_PARAMETERS[size]
 
 
 def test_planner_cli_on_both_recipes(capsys):

@@ -1,4 +1,4 @@
-"""Tokenizers: the real Aquila BBPE against DESIGN.md s.7 and an independent GPT-2 reference,
+"""Tokenizers: the real Aquila BBPE against docs/design.md s.7 and an independent GPT-2 reference,
 SentencePiece round trips, the factory's errors, and the tiny BPE's layout and determinism."""
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ import torch
 
 from megatron_aquila.config import TORCH_DTYPES, ModelConfig
 
-# Aquila2 tokenizer ids (DESIGN.md section 7), used when no tokenizer directory is given.
+# Aquila2 tokenizer ids (docs/design.md section 7), used when no tokenizer directory is given.
 AQUILA_BOS_ID, AQUILA_EOS_ID, AQUILA_PAD_ID = 100006, 100007, 0
 
 MODEL_TYPES = ("llama", "aquila")

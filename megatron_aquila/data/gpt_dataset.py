@@ -1,7 +1,7 @@
 """GPT pretraining samples over an IndexedDataset: document, sample and shuffle indices.
 
 Same inputs and seed give the same sample stream as Megatron-LM core's GPTDataset
-(DESIGN.md section 5):
+(docs/design.md section 5):
 
 - ``num_epochs`` = smallest E with ``E * tokens_per_epoch >= num_samples * seq_length + 1``.
 - document index: the split's document ids tiled E times (int32), shuffled with

@@ -2,7 +2,7 @@
 
 The extension ``megatron_aquila.data._helpers`` is compiled by ``setup.py`` (``pip install -e .``
 or ``python setup.py build_ext --inplace``), never at run time. Semantics are those of Megatron-LM's
-dataset helpers (DESIGN.md section 5):
+dataset helpers (docs/design.md section 5):
 
 - sample index: ``[num_samples + 1, 2]`` rows of (position in the document index, token offset in
   that document). Sample ``k`` runs from row ``k`` to row ``k + 1`` and holds ``seq_length + 1``

@@ -1,4 +1,4 @@
-"""Memory-mapped token datasets in Megatron-LM's MMIDIDX v1 format (DESIGN.md section 4).
+"""Memory-mapped token datasets in Megatron-LM's MMIDIDX v1 format (docs/design.md section 4).
 
 A dataset is two files sharing a prefix:
 

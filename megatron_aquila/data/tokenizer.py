@@ -1,4 +1,4 @@
-"""Tokenizers behind one interface: Aquila's byte-level BPE and SentencePiece (DESIGN.md section 7).
+"""Tokenizers behind one interface: Aquila's byte-level BPE and SentencePiece (docs/design.md section 7).
 
 ``build_tokenizer("aquila-bbpe", directory_or_tokenizer_json)`` loads Aquila2's GPT-2-style
 byte-level BPE with the Hugging Face ``tokenizers`` library; ``build_tokenizer("sentencepiece",

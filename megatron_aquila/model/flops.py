@@ -1,4 +1,4 @@
-"""Analytic parameter count and model FLOPs per iteration (DESIGN.md section 6).
+"""Analytic parameter count and model FLOPs per iteration (docs/design.md section 6).
 
 Notation: L layers, h hidden, n heads, g kv heads, d = h/n head dim, f ffn width, V vocabulary
 (padded when given), s sequence length, B global batch (sequences per iteration).

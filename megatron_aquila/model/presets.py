@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-AQUILA_VOCAB_SIZE = 100008  # 100000 byte-level BPE entries + 8 special tokens (DESIGN.md section 7)
+AQUILA_VOCAB_SIZE = 100008  # 100000 byte-level BPE entries + 8 special tokens (docs/design.md section 7)
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Aquila2-7B: BAAI's released config and FlagScale's training script.

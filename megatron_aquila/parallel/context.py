@@ -12,8 +12,8 @@ with every group ``None`` and every size 1; the collectives in ``mappings`` are 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -93,7 +93,6 @@ class ParallelContext:
     world_group: ProcessGroup           # every rank (global grad norm, inf checks, logged loss)
     pp_ranks: tuple[int, ...]           # global ranks of this process's pipeline, stage order
     device: torch.device
-    tp_mesh: Any = field(default=None, repr=False, compare=False)  # DeviceMesh of tp_group, made on first use
 
     @property
     def is_first_stage(self) -> bool:
@@ -179,7 +178,7 @@ class ParallelContext:
     def release_groups(self) -> None:
         """Drop this context's references to its process groups (before destroy_process_group)."""
         self.tp_group = self.dp_group = self.pp_group = None
-        self.model_parallel_group = self.world_group = self.tp_mesh = None
+        self.model_parallel_group = self.world_group = None
 
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp_size} "
