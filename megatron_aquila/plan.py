@@ -10,8 +10,8 @@ What it does, without a GPU and without allocating a single weight:
    read their TP size and rank from the TP group, here a ``DescribedGroup`` that states them and
    never communicates, so the shards are exactly what that rank would hold.
 3. Memory per GPU (bytes): weights (2 per parameter in fp16/bf16, 4 in fp32), grads (the fp32 grad
-   buffer, 4), optimizer state (fp32 master copy 4 unless the model is fp32, Adam m and v 8),
-   replicated or sharded over DP by the distributed optimizer, and activations: the bytes of the
+   buffer, 4), optimizer state (Adam m and v 8, plus an fp32 master copy 4: always when sharded over
+   DP by the distributed optimizer, only for a bf16/fp16 model when replicated), and activations: the bytes of the
    tensors THIS code saves for backward (``activation_bytes_per_layer`` and friends), derived from
    model/transformer.py, kernels.py, parallel/layers.py and cross_entropy.py and measured on CPU by
    tests/test_activation_memory.py (saved_tensors_hooks, TP1 and TP2 with and without SP, fp32 and
@@ -263,7 +263,8 @@ def rank_memory(config: Config, world_size: int, rank: RankParameters, shape: Ac
     p = config.parallel
     n, dp = rank.total, config.data_parallel_size(world_size)
     dtype = config.precision.dtype
-    optimizer_per_param = (0 if dtype == "fp32" else 4) + 8  # fp32 master (unless fp32 model) + Adam m, v
+    replicated_per_param = (0 if dtype == "fp32" else 4) + 8  # fp32 master (unless fp32 model) + Adam m, v
+    sharded_per_param = 4 + 8   # the distributed optimizer keeps fp32 master pieces even for an fp32 model
     layers = sum(len(ids) for ids in rank.chunk_layer_ids)
     in_flight = in_flight_microbatches(config, world_size, rank.pp_rank)
     per_microbatch = layers * activation_bytes_per_layer(shape)
@@ -277,8 +278,8 @@ def rank_memory(config: Config, world_size: int, rank: RankParameters, shape: Ac
         activations += head_activation_bytes(shape)
     return RankMemory(
         pp_rank=rank.pp_rank, parameters=n, weights=n * MODEL_DTYPE_BYTES[dtype], grads=n * 4.0,
-        optimizer_replicated=n * float(optimizer_per_param),
-        optimizer_sharded=math.ceil(n / dp) * float(optimizer_per_param),
+        optimizer_replicated=n * float(replicated_per_param),
+        optimizer_sharded=math.ceil(n / dp) * float(sharded_per_param),
         activations=activations, in_flight=in_flight)
 
 
