@@ -9,6 +9,9 @@
 #                   by the rendezvous, NODE_RANK is not needed. RDZV_ID names the job.
 #   or MASTER_ADDR, MASTER_PORT (default 29500) and NODE_RANK (0..NNODES-1): static rendezvous, as
 #                   set by many cluster schedulers.
+# Stopping: SIGUSR1 or SIGTERM to this script is forwarded to the ranks (not to torchrun, which
+# ignores SIGUSR1 here); every rank saves at the end of its iteration and exits 0
+# (examples/aquila2/stop_signals.sh; timing in docs/gpu.md section 6).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ $# -lt 1 ] || [ ! -f "$1" ]; then
@@ -37,5 +40,6 @@ fi
 # One CPU thread pool per process is plenty: the GPU does the work.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
-exec torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" "${rendezvous[@]}" \
-    -m megatron_aquila.train "$RECIPE" "$@"
+source examples/aquila2/stop_signals.sh
+run_torchrun_forwarding_stop_signals torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" \
+    "${rendezvous[@]}" -m megatron_aquila.train "$RECIPE" "$@"

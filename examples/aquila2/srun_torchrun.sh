@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# The body of the per-model Slurm scripts (7b/launch_slurm.sh, 34b/launch_slurm.sh): inside an
-# allocation, one torchrun per node via srun, c10d rendezvous on the allocation's first node.
+# The body of the per-model Slurm scripts (7b/launch_slurm.sh, 34b/launch_slurm.sh), run by the batch
+# shell inside the allocation: one launch_torchrun.sh (one torchrun) per node via srun, c10d
+# rendezvous on the allocation's first node.
 #   bash examples/aquila2/srun_torchrun.sh REPO_DIR RECIPE [overrides...]
+# Stopping: the batch shell receives `#SBATCH --signal=B:USR1@<seconds>` (and Slurm's SIGTERM); this
+# script forwards SIGUSR1 and SIGTERM to srun, srun to its tasks, and each node's launch_torchrun.sh
+# to its ranks, which save at the end of the iteration and exit 0 (docs/gpu.md section 6).
 set -euo pipefail
 REPO_DIR=$1
 RECIPE=$2
 shift 2
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 RDZV_PORT=${RDZV_PORT:-29500}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
-# Expanded here, once, so every node gets the same endpoint and overrides (each "$@" word stays one word).
-srun --nodes "$SLURM_JOB_NUM_NODES" --ntasks-per-node 1 --kill-on-bad-exit=1 --chdir "$REPO_DIR" \
-    torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$GPUS_PER_NODE" \
-    --rdzv_backend c10d --rdzv_endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
-    -m megatron_aquila.train "$RECIPE" "$@"
+source "$REPO_DIR/examples/aquila2/stop_signals.sh"
+# For launch_torchrun.sh on every node (srun passes the environment on; GPUS_PER_NODE and
+# OMP_NUM_THREADS too, when set). Expanded here, once, so every node gets the same endpoint and
+# overrides (each "$@" word stays one word).
+export NNODES=$SLURM_JOB_NUM_NODES RDZV_ENDPOINT=$RDZV_HOST:$RDZV_PORT RDZV_ID=$SLURM_JOB_ID
+run_srun_forwarding_stop_signals srun --nodes "$SLURM_JOB_NUM_NODES" --ntasks-per-node 1 --kill-on-bad-exit=1 \
+    --chdir "$REPO_DIR" bash examples/aquila2/launch_torchrun.sh "$RECIPE" "$@"
