@@ -22,7 +22,8 @@ before its replacement exists.
 (pinned on GPU); a background thread runs steps 1-4 over a gloo process group of its own (DCP's
 collectives must not interleave with the training loop's on the same communicator). At most one
 save is in flight: the next save, or the end of training, waits for it. The host copy is the
-price: host memory holds one extra copy of this rank's model and optimizer shard while it lasts.
+price: host memory holds one extra copy of this rank's model and optimizer shard, kept and reused
+by the next save (the first save pays the allocation; later ones only copy).
 """
 from __future__ import annotations
 
@@ -101,10 +102,17 @@ def apply_retention(root: Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def _stage_to_host(values: dict[str, Any], pin_memory: bool) -> dict[str, Any]:
-    """Copy every value to compact host tensors (the state keeps changing while the copy is written)."""
-    staged = {key: value.to_host(pin_memory) if isinstance(value, ShardedBoxes) else value.detach().cpu().clone()
-              for key, value in values.items()}
+def _stage_to_host(values: dict[str, Any], pin_memory: bool, previous: dict[str, Any]) -> dict[str, Any]:
+    """Copy every value to compact host tensors (the state keeps changing while the copy is written).
+
+    ``previous``: the last save's staged copy; its buffers are reused where the layout is the same.
+    """
+    staged = {}
+    for key, value in values.items():
+        if isinstance(value, ShardedBoxes):
+            staged[key] = value.to_host(pin_memory, previous.get(key))
+        else:   # small per-rank tensors (RNG states)
+            staged[key] = value.detach().cpu().clone()
     if pin_memory:
         torch.cuda.synchronize()   # the non-blocking device-to-host copies are complete
     return staged
@@ -119,6 +127,7 @@ class CheckpointSaver:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[tuple[Future, Path]] = None
         self._group: Optional[dist.ProcessGroup] = None
+        self._staged: dict[str, Any] = {}    # host buffers of the last async save, reused by the next
 
     # ------------------------------------------------------------------ public
     def save(self, parts: TrainerParts, state: TrainingState) -> Path:
@@ -149,7 +158,8 @@ class CheckpointSaver:
             logger.info(f"saved checkpoint {final} (iteration {state.iteration}, "
                         f"{state.consumed_train_samples} consumed samples)")
             return final
-        staged = _stage_to_host(values, pin_memory=self.ctx.device.type == "cuda")
+        staged = _stage_to_host(values, self.ctx.device.type == "cuda", self._staged)
+        self._staged = staged
         group = self._checkpoint_group()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
@@ -182,6 +192,7 @@ class CheckpointSaver:
     def close(self) -> None:
         """Finish any pending save and stop the writer thread."""
         self.wait()
+        self._staged = {}
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None

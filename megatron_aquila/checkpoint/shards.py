@@ -104,11 +104,18 @@ class ShardedBoxes:
     def tensors(self) -> list[torch.Tensor]:
         return [tensor for _, tensor in self.chunks]
 
-    def to_host(self, pin_memory: bool) -> "ShardedBoxes":
-        """A copy whose chunks are compact CPU tensors (the staging step of an async save)."""
+    def to_host(self, pin_memory: bool, reuse: "ShardedBoxes | None" = None) -> "ShardedBoxes":
+        """A copy whose chunks are compact CPU tensors (the staging step of an async save).
+
+        ``reuse``: an earlier copy of the same layout whose buffers are overwritten instead of
+        allocating new ones (allocation, pinning and first-touch page faults cost more than the copy).
+        """
+        same = reuse is not None and reuse.global_size == self.global_size and [
+            (o, t.shape, t.dtype) for o, t in reuse.chunks] == [(o, t.shape, t.dtype) for o, t in self.chunks]
         copies = []
-        for offsets, tensor in self.chunks:
-            copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin_memory)
+        for index, (offsets, tensor) in enumerate(self.chunks):
+            copy = reuse.chunks[index][1] if same else torch.empty(tensor.shape, dtype=tensor.dtype,
+                                                                   pin_memory=pin_memory)
             copy.copy_(tensor, non_blocking=pin_memory)
             copies.append((offsets, copy))
         return ShardedBoxes(self.global_size, copies)
