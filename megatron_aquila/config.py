@@ -18,6 +18,7 @@ import yaml
 
 from megatron_aquila.model.kernels import KERNEL_BACKENDS
 from megatron_aquila.model.presets import MODEL_PRESETS
+from megatron_aquila.model.rope import ROPE_SCALING_TYPES
 
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +47,18 @@ class ModelConfig:
     norm_init: float = 1.0                  # RMSNorm weight init (Aquila2-34B: 0.3)
     rope_base: float = 10000.0
     rope_interleaved: bool = False          # pairs (2i, 2i+1) instead of rotate-half (i, i + d/2)
+    # RoPE scaling for long context, maths in model/rope.py; keys map to transformers' rope_parameters.
+    rope_scaling: str = "none"              # none | linear (position interpolation) | dynamic (NTK) | yarn | llama3
+    rope_scaling_factor: float = 1.0        # s >= 1: context extension ratio (4 for 4096 -> 16384); 1 with none
+    rope_original_max_positions: Optional[int] = None  # L: pretraining length; dynamic, yarn and llama3 only
+    rope_yarn_beta_fast: float = 32.0       # yarn: pairs turning >= this many times in L positions keep theta
+    rope_yarn_beta_slow: float = 1.0        # yarn: pairs turning <= this many times get theta / s
+    rope_yarn_attention_factor: Optional[float] = None  # yarn: m multiplying cos, sin; None: from s (and mscale)
+    rope_yarn_mscale: Optional[float] = None            # yarn, with mscale_all_dim: m = mscale(s, this) /
+    rope_yarn_mscale_all_dim: Optional[float] = None    # mscale(s, mscale_all_dim); both or neither
+    rope_yarn_truncate: bool = True         # yarn: round the ramp ends to whole pairs
+    rope_llama3_low_freq_factor: float = 1.0   # llama3: wavelengths above L / this get theta / s
+    rope_llama3_high_freq_factor: float = 4.0  # llama3: wavelengths below L / this keep theta
     init_std: float = 0.02
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
@@ -305,6 +318,49 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_rope_scaling(m: ModelConfig) -> None:
+    """The RoPE scaling fields (maths: model/rope.py); transformers requires factor >= 1 for every type."""
+    kind, factor, original = m.rope_scaling, m.rope_scaling_factor, m.rope_original_max_positions
+    _require(kind in ROPE_SCALING_TYPES,
+             f"model.rope_scaling {kind!r} must be one of {', '.join(ROPE_SCALING_TYPES)}")
+    if kind == "none":
+        _require(factor == 1.0, f"model.rope_scaling_factor {factor} has no effect with model.rope_scaling 'none'; "
+                                "set model.rope_scaling (linear, dynamic, yarn or llama3) or leave the factor at 1")
+    else:
+        _require(factor >= 1.0, f"model.rope_scaling_factor {factor} must be >= 1 for model.rope_scaling {kind!r}: "
+                                "it is the context extension ratio, e.g. 4 for 4096 -> 16384 positions")
+    if kind in ("none", "linear"):
+        _require(original is None, f"model.rope_original_max_positions {original} is not used by model.rope_scaling "
+                                   f"{kind!r}; unset it (dynamic, yarn and llama3 read it)")
+        return
+    _require(original is not None and original >= 1,
+             f"model.rope_scaling {kind!r} needs model.rope_original_max_positions >= 1, the pretraining sequence "
+             f"length (e.g. 4096); got {original}")
+    if kind == "dynamic":
+        _require(m.head_dim > 2, f"model.rope_scaling 'dynamic' needs a head dim > 2 (its base exponent is "
+                                 f"d / (d - 2)); head dim is {m.head_dim}")
+    if kind == "yarn":
+        fast, slow = m.rope_yarn_beta_fast, m.rope_yarn_beta_slow
+        _require(fast >= slow > 0, f"model.rope_yarn_beta_fast {fast} and model.rope_yarn_beta_slow {slow} must "
+                                   "satisfy beta_fast >= beta_slow > 0 (transformers' defaults: 32 and 1)")
+        attention, mscale, mscale_all_dim = (m.rope_yarn_attention_factor, m.rope_yarn_mscale,
+                                             m.rope_yarn_mscale_all_dim)
+        _require(attention is None or attention > 0,
+                 f"model.rope_yarn_attention_factor {attention} must be > 0 (or unset to derive it from the factor)")
+        _require((mscale is None) == (mscale_all_dim is None),
+                 f"model.rope_yarn_mscale {mscale} and model.rope_yarn_mscale_all_dim {mscale_all_dim} are used "
+                 "together: set both or neither")
+        _require(mscale is None or (mscale > 0 and mscale_all_dim > 0),
+                 f"model.rope_yarn_mscale {mscale} and model.rope_yarn_mscale_all_dim {mscale_all_dim} must be > 0")
+        _require(attention is None or mscale is None,
+                 f"model.rope_yarn_attention_factor {attention} and model.rope_yarn_mscale {mscale} are both set; "
+                 "the attention factor would win: set one of them")
+    if kind == "llama3":
+        low, high = m.rope_llama3_low_freq_factor, m.rope_llama3_high_freq_factor
+        _require(0 < low < high, f"model.rope_llama3_low_freq_factor {low} and model.rope_llama3_high_freq_factor "
+                                 f"{high} must satisfy 0 < low < high (Llama 3.1: 1 and 4)")
+
+
 def validate_config(config: Config, world_size: int) -> None:
     m, p, t, o, pr = config.model, config.parallel, config.training, config.optimizer, config.precision
     tp, pp, vpp = p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_stages
@@ -323,6 +379,7 @@ def validate_config(config: Config, world_size: int) -> None:
              f"num_kv_heads {m.kv_heads} is not divisible by tensor_parallel {tp}: GQA keeps whole query "
              f"groups on one rank; use a tensor_parallel that divides {m.kv_heads}")
     _require(m.head_dim % 2 == 0, f"head dim {m.head_dim} must be even for rotary embeddings")
+    _validate_rope_scaling(m)
     _require(m.ffn_size % tp == 0, f"ffn hidden size {m.ffn_size} is not divisible by tensor_parallel {tp}")
     _require(m.padded_vocab_size(tp) % tp == 0, f"padded vocab {m.padded_vocab_size(tp)} % tp {tp} != 0")
     if p.sequence_parallel:

@@ -216,3 +216,23 @@ def test_format_v1_loads_and_an_unknown_format_is_refused(tmp_path):
     (v1 / "meta.json").write_text(json.dumps({**meta, "format": "megatron_aquila.checkpoint.v9"}))
     with pytest.raises(CheckpointError, match=r"iter_0000002/meta.json has format 'megatron_aquila.checkpoint.v9'"):
         read_meta(v1)
+
+
+def test_resume_may_extend_the_context_but_not_change_the_shape(tmp_path, caplog):
+    from megatron_aquila.build import build_trainer_parts
+    from megatron_aquila.parallel.context import ParallelContext
+    from training import train_with
+
+    overrides = _single(tmp_path, "training.train_iters=2")
+    train_with(overrides, 1)
+    load = f"checkpoint.load={tmp_path / 'ckpt'}"
+    longer = load_config(None, [*overrides, load, "model.seq_length=64", "model.rope_scaling=linear",
+                                "model.rope_scaling_factor=2.0"])
+    with caplog.at_level("INFO", logger="megatron_aquila"):
+        _, state = build_trainer_parts(longer, ParallelContext.single_process())
+    assert state.iteration == 2
+    assert "changed model section: seq_length 32 -> 64; rope_scaling none -> linear; rope_scaling_factor 1.0 -> 2.0" \
+        in caplog.text
+    wider = load_config(None, [*overrides, load, "model.ffn_hidden_size=256"])
+    with pytest.raises(CheckpointError, match=r"another shape \(ffn_size 128 -> 256\)"):
+        build_trainer_parts(wider, ParallelContext.single_process())

@@ -268,6 +268,8 @@ def test_cli_round_trip_with_shards_and_tokenizer(tmp_path):
     assert len(shard_files) > 1 and all((out / f).is_file() for f in shard_files)
     hf_config = json.loads((out / "config.json").read_text())
     assert (hf_config["bos_token_id"], hf_config["eos_token_id"], hf_config["pad_token_id"]) == (248, 249, 0)
+    assert hf_config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}  # transformers 5.x
+    assert hf_config["rope_scaling"] is None and hf_config["rope_theta"] == 10000.0  # transformers 4.x
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 249
     assert (out / "vocab.json").read_bytes() == (tokenizer / "vocab.json").read_bytes()
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
@@ -279,6 +281,7 @@ def test_cli_round_trip_with_shards_and_tokenizer(tmp_path):
     model_section = load_config(tmp_path / "back" / "model.yaml").model
     assert stored == model_section and model_section.padded_vocab_size(2) == 256
     assert (model_section.num_kv_heads, model_section.ffn_size, model_section.norm_eps) == (2, 96, 1e-5)
+    assert (model_section.rope_scaling, model_section.rope_scaling_factor) == ("none", 1.0)  # scaled: test_rope_scaling
     assert all(torch.equal(back[k], full[k]) for k in full if "embedding" not in k and "output" not in k)
     for name in ("embedding.weight", "output_layer.weight"):
         assert torch.equal(back[name][:250], full[name][:250]) and torch.count_nonzero(back[name][250:]) == 0

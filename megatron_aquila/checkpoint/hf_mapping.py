@@ -25,6 +25,19 @@ Importing pads the vocabulary to ``ModelConfig.padded_vocab_size(tp)`` with zero
 ids are never inputs, and their logits are 0 (trim the logits to the real vocabulary before
 sampling, as the HF model does by construction).
 
+RoPE scaling (``model.rope_scaling``, maths in ``model/rope.py``) is written as transformers 5.x
+reads it, ``rope_parameters`` = {rope_type, rope_theta, factor, ...}, and again as ``rope_scaling``
+(the same dict less rope_theta, None when unscaled) beside a top-level ``rope_theta`` for
+transformers 4.x; 5.x takes a non-empty ``rope_scaling`` over ``rope_parameters``, and so does the
+import. Keys: ``factor``; ``original_max_position_embeddings`` (yarn, llama3); yarn ``beta_fast``,
+``beta_slow``, ``truncate``, ``attention_factor`` or ``mscale`` + ``mscale_all_dim`` when set;
+llama3 ``low_freq_factor``, ``high_freq_factor``. Dynamic NTK in transformers takes its original
+length from ``max_position_embeddings``, so a dynamic export writes rope_original_max_positions
+there, and its import sets seq_length to it (seq_length comes back unchanged only when the two
+were equal). Imports read yarn's ``beta_fast``/``beta_slow`` and drop an ``mscale`` pair as
+transformers does (a 0 or missing beta is the default; ``mscale`` counts only when both it and
+``mscale_all_dim`` are nonzero and no ``attention_factor`` is given).
+
 Model type ``aquila`` writes BAAI's own config (``AquilaForCausalLM``, ``auto_map`` to
 ``configuration_aquila.py`` / ``modeling_aquila.py``). transformers has no built-in ``aquila``
 type, so such a directory loads only with BAAI's remote-code files copied into it and
@@ -304,6 +317,28 @@ def _full_tensors(hf: Mapping[str, torch.Tensor], config: ModelConfig, padded: i
     yield "output_layer.weight", _cast(resize_vocab(hf[lm_head], v, padded), dtype)
 
 
+def hf_rope_parameters(config: ModelConfig) -> dict[str, Any]:
+    """transformers' ``rope_parameters`` of our RoPE (module docstring): rope_type, rope_theta and the scaling keys."""
+    rope: dict[str, Any] = {"rope_type": "default" if config.rope_scaling == "none" else config.rope_scaling,
+                            "rope_theta": config.rope_base}
+    if config.rope_scaling == "none":
+        return rope
+    rope["factor"] = config.rope_scaling_factor
+    if config.rope_scaling in ("yarn", "llama3"):
+        rope["original_max_position_embeddings"] = config.rope_original_max_positions
+    if config.rope_scaling == "yarn":
+        rope.update(beta_fast=config.rope_yarn_beta_fast, beta_slow=config.rope_yarn_beta_slow,
+                    truncate=config.rope_yarn_truncate)
+        if config.rope_yarn_attention_factor is not None:
+            rope["attention_factor"] = config.rope_yarn_attention_factor
+        if config.rope_yarn_mscale is not None:
+            rope.update(mscale=config.rope_yarn_mscale, mscale_all_dim=config.rope_yarn_mscale_all_dim)
+    if config.rope_scaling == "llama3":
+        rope.update(low_freq_factor=config.rope_llama3_low_freq_factor,
+                    high_freq_factor=config.rope_llama3_high_freq_factor)
+    return rope
+
+
 def hf_config_dict(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, model_type: str = "llama",
                    token_ids: TokenIds = TokenIds()) -> dict[str, Any]:
     """config.json of the export: LlamaConfig fields, or BAAI's ``aquila`` config (module docstring)."""
@@ -311,6 +346,8 @@ def hf_config_dict(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, 
         raise ConversionError(f"model type {model_type!r} must be one of {MODEL_TYPES}")
     if dtype not in _TORCH_DTYPE_NAMES:
         raise ConversionError(f"dtype {dtype} must be one of {sorted(_TORCH_DTYPE_NAMES.values())}")
+    rope = hf_rope_parameters(config)
+    scaled = config.rope_scaling != "none"
     hf: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM" if model_type == "llama" else "AquilaForCausalLM"],
         "model_type": model_type,
@@ -323,8 +360,10 @@ def hf_config_dict(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, 
         "hidden_act": "silu",
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_base,
-        "rope_scaling": None,
-        "max_position_embeddings": config.seq_length,
+        "rope_parameters": rope,
+        "rope_scaling": {key: value for key, value in rope.items() if key != "rope_theta"} if scaled else None,
+        "max_position_embeddings": (config.rope_original_max_positions if config.rope_scaling == "dynamic"
+                                    else config.seq_length),
         "vocab_size": config.vocab_size,
         "bos_token_id": token_ids.bos,
         "eos_token_id": token_ids.eos,
@@ -365,11 +404,7 @@ def model_config_from_hf(hf: Mapping[str, Any], *, make_vocab_size_divisible_by:
     for key, supported in checks:
         if hf.get(key, supported) != supported:
             raise ConversionError(f"{source}: {key} = {hf[key]!r} is not supported (Aquila uses {supported!r})")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type != "default":
-        raise ConversionError(f"{source}: rope type {rope_type!r} is not supported; only plain rotary (default)")
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     heads = _field(hf, "num_attention_heads", source)
     hidden = _field(hf, "hidden_size", source)
     head_dim = hf.get("head_dim") or hidden // heads
@@ -389,9 +424,52 @@ def model_config_from_hf(hf: Mapping[str, Any], *, make_vocab_size_divisible_by:
         rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         init_std=float(hf.get("initializer_range", 0.02)),
         attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        **_rope_scaling_from_hf(rope, hf.get("max_position_embeddings", 2048), source),
     )
 
 
+def _rope_key(rope: Mapping[str, Any], key: str, source: str) -> Any:
+    if rope.get(key) is None:
+        raise ConversionError(f"{source}: rope_parameters of type {rope.get('rope_type', rope.get('type'))!r} has "
+                              f"no {key!r}; transformers needs it too")
+    return rope[key]
+
+
+def _rope_scaling_from_hf(rope: Mapping[str, Any], max_positions: int, source: str) -> dict[str, Any]:
+    """ModelConfig rope_* fields of transformers' rope_parameters (module docstring); unsupported types raise."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConversionError(f"{source}: partial_rotary_factor {rope['partial_rotary_factor']} is not supported; "
+                              "our rotary covers the whole head")
+    if rope_type == "default":
+        return {}
+    supported = ("linear", "dynamic", "yarn", "llama3")
+    if rope_type not in supported:
+        raise ConversionError(f"{source}: rope type {rope_type!r} is not supported; expected default or one of "
+                              f"{supported}")
+    fields: dict[str, Any] = {"rope_scaling": rope_type,
+                              "rope_scaling_factor": float(_rope_key(rope, "factor", source))}
+    if rope_type == "dynamic":
+        fields["rope_original_max_positions"] = max_positions
+    if rope_type in ("yarn", "llama3"):
+        fields["rope_original_max_positions"] = rope.get("original_max_position_embeddings") or max_positions
+    if rope_type == "yarn":
+        attention, mscale, mscale_all_dim = rope.get("attention_factor"), rope.get("mscale"), rope.get("mscale_all_dim")
+        counted = attention is None and bool(mscale) and bool(mscale_all_dim)
+        fields.update(rope_yarn_beta_fast=float(rope.get("beta_fast") or 32.0),
+                      rope_yarn_beta_slow=float(rope.get("beta_slow") or 1.0),
+                      rope_yarn_truncate=bool(rope.get("truncate", True)),
+                      rope_yarn_attention_factor=None if attention is None else float(attention),
+                      rope_yarn_mscale=float(mscale) if counted else None,
+                      rope_yarn_mscale_all_dim=float(mscale_all_dim) if counted else None)
+    if rope_type == "llama3":
+        fields.update(rope_llama3_low_freq_factor=float(_rope_key(rope, "low_freq_factor", source)),
+                      rope_llama3_high_freq_factor=float(_rope_key(rope, "high_freq_factor", source)))
+    return fields
+
+
+# RoPE scaling is not compared: exporting weights trained without it under a scaled recipe is how a
+# model's context is extended with no fine-tuning (dynamic NTK, yarn); the recipe's scaling is written.
 _EXPORT_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "kv_heads", "ffn_size", "vocab_size",
                   "norm_eps", "rope_base", "rope_interleaved")
 

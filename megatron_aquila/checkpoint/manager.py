@@ -19,6 +19,7 @@ so both load; any other format is refused with its name.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,12 +31,13 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import yaml
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_aquila.checkpoint import state as ckpt_state
 from megatron_aquila.checkpoint.shards import BoxesLoadPlanner
-from megatron_aquila.config import Config
+from megatron_aquila.config import Config, ModelConfig
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.training_state import TrainerParts, TrainingState
 
@@ -135,6 +137,29 @@ def _dcp_load(path: Path, values: dict[str, Any]) -> None:
     dcp.load(values, checkpoint_id=str(path), planner=BoxesLoadPlanner(), no_dist=not dist.is_initialized())
 
 
+MODEL_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "kv_heads", "ffn_size", "vocab_size", "head_dim")
+
+
+def check_model_change(path: Path, meta: dict[str, Any], config: Config) -> list[str]:
+    """Refuse a change of the model's shape; return the other model fields that changed (to log).
+
+    Extending the context on resume (``seq_length``, ``rope_*``) is the usual reason to change
+    the model section and is allowed; a different shape would not even match the saved tensors.
+    """
+    saved_section = (yaml.safe_load(meta.get("config_yaml") or "") or {}).get("model") or {}
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    saved = ModelConfig(**{key: value for key, value in saved_section.items() if key in known})
+    reshaped = [f"{name} {getattr(saved, name)} -> {getattr(config.model, name)}" for name in MODEL_SHAPE
+                if getattr(saved, name) != getattr(config.model, name)]
+    if reshaped:
+        raise CheckpointError(f"checkpoint {path} holds a model of another shape ({'; '.join(reshaped)}); only "
+                              "seq_length and the rope_* settings may change when resuming: set the model keys "
+                              "back to the checkpoint's (its config is in meta.json)")
+    current = dataclasses.asdict(config.model)
+    return [f"{name} {value} -> {current[name]}" for name, value in dataclasses.asdict(saved).items()
+            if name != "preset" and value != current[name]]
+
+
 def will_resume(config: Config) -> bool:
     """Whether ``checkpoint.load`` names a checkpoint to resume (so random initialisation can be skipped)."""
     return config.checkpoint.load is not None and resolve_checkpoint(config.checkpoint.load) is not None
@@ -155,6 +180,9 @@ def load_checkpoint(config: Config, ctx: ParallelContext, parts: TrainerParts) -
         return None
     meta = read_meta(path)
     check_complete(path)
+    changed = check_model_change(path, meta, config)
+    if changed:
+        logger.info(f"resuming {path} with a changed model section: {'; '.join(changed)}")
     chunks, optimizer = parts.model_chunks, parts.optimizer
     values: dict[str, Any] = ckpt_state.model_state(chunks, ctx)
     load_optim = not c.no_load_optim

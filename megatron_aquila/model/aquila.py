@@ -26,10 +26,10 @@ from torch import nn
 
 from megatron_aquila.config import ModelConfig
 from megatron_aquila.model.kernels import KernelChoice, build_attention, build_rms_norm, choose_kernels
+from megatron_aquila.model.rope import RotaryEmbedding
 from megatron_aquila.model.transformer import (
     RECOMPUTE_MODES,
     RMSNorm,
-    RotaryEmbedding,
     TransformerBlock,
     hidden_dropout,
     scaled_init_std,
@@ -88,7 +88,7 @@ class AquilaModel(nn.Module):
         device = torch.device(device) if device is not None else ctx.device
         self.kernels = kernels or choose_kernels(config.kernels, device, params_dtype)
         self.rng = RNGStatesTracker(seed, ctx.tp_rank, pipeline_stage, device)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_base, config.seq_length)
+        self.rotary = RotaryEmbedding(config)
         norm_fn = build_rms_norm(self.kernels.norm)
         common = dict(sequence_parallel=self.sequence_parallel, params_dtype=params_dtype, device=device)
 

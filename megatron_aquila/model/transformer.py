@@ -1,4 +1,4 @@
-"""The Aquila (LLaMA-architecture) decoder block: RMSNorm, GQA attention with RoPE, SwiGLU MLP.
+"""The Aquila (LLaMA-architecture) decoder block: RMSNorm, GQA attention with RoPE (``model/rope.py``), SwiGLU MLP.
 
 Activations are [s, b, h] (sequence first, Megatron's layout; [s/tp, b, h] between blocks under
 sequence parallelism). Tensor parallelism splits heads (whole kv groups per rank) and the FFN width.
@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_aquila.config import ModelConfig
 from megatron_aquila.model.kernels import AttentionFn, NormFn
+from megatron_aquila.model.rope import apply_rotary
 from megatron_aquila.parallel.context import ProcessGroup, group_size
 from megatron_aquila.parallel.layers import ColumnParallelLinear, RowParallelLinear, set_tensor_parallel_attributes
 from megatron_aquila.parallel.random import DATA_PARALLEL, MODEL_PARALLEL, RNGStatesTracker
@@ -59,79 +60,6 @@ def _checkpoint(fn: Callable, tracker: RNGStatesTracker, *args: torch.Tensor) ->
             tracker.set_states(current)
 
     return checkpoint(run, *args, use_reentrant=False)
-
-
-class RotaryEmbedding:
-    """cos/sin tables of rotary position embedding (Su et al.), fp32, cached per (length, device).
-
-    Frequencies theta_i = base^(-2i/d), i < d/2; position p rotates the pair (x_a, x_b) by angle
-    p * theta_i: rotate-half pairs a = i, b = i + d/2 (HF LLaMA/Aquila); interleaved pairs
-    a = 2i, b = 2i + 1 (Meta's original layout, the Aquila2-7B "interleaved patch").
-    """
-
-    def __init__(self, head_dim: int, base: float, max_positions: int):
-        self.head_dim = head_dim
-        self.base = base
-        self.max_positions = max_positions
-        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (length, device)
-        if key not in self._cache:
-            inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
-            angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # [length, d/2]
-            self._cache[key] = (angles.cos().float().to(device), angles.sin().float().to(device))
-        return self._cache[key]
-
-    def __call__(self, seq_len: int, position_ids: torch.Tensor | None,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [s, 1, 1, d/2] (or [s, b, 1, d/2] for position_ids [b, s]), fp32."""
-        if position_ids is None:
-            cos, sin = self._tables(seq_len, device)
-            return cos[:, None, None, :], sin[:, None, None, :]
-        cos, sin = self._tables(max(seq_len, self.max_positions), device)
-        ids = position_ids.t()  # [s, b]
-        return cos[ids].unsqueeze(2), sin[ids].unsqueeze(2)
-
-
-def _halves(x: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if interleaved:
-        return x[..., 0::2], x[..., 1::2]
-    half = x.shape[-1] // 2
-    return x[..., :half], x[..., half:]
-
-
-class _ApplyRotary(torch.autograd.Function):
-    """y_a = x_a cos - x_b sin, y_b = x_b cos + x_a sin (fp32); the backward rotates by -angle."""
-
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        x_a, x_b = _halves(x, interleaved)
-        out_a, out_b = _halves(out, interleaved)
-        torch.mul(x_a, cos, out=out_a)
-        out_a.addcmul_(x_b, sin, value=-1.0)
-        torch.mul(x_b, cos, out=out_b)
-        out_b.addcmul_(x_a, sin)
-        return out
-
-    @staticmethod
-    def forward(ctx, x, cos, sin, interleaved):
-        ctx.save_for_backward(cos, sin)
-        ctx.interleaved = interleaved
-        return _ApplyRotary._rotate(x.float(), cos, sin, interleaved).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _ApplyRotary._rotate(grad.float(), cos, -sin, ctx.interleaved).to(grad.dtype), None, None, None
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x [s, b, heads..., d] (any strides) by tables [s, 1|b, 1, d/2]; returns a contiguous tensor."""
-    while cos.dim() < x.dim():
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    return _ApplyRotary.apply(x, cos, sin, interleaved)
 
 
 class RMSNorm(nn.Module):
