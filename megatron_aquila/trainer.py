@@ -54,7 +54,6 @@ class Trainer:
                             if self.use_samples else config.training.train_iters)
         self.last_saved_iteration = self.state.iteration  # a fresh run or the checkpoint just loaded
         self.saver = CheckpointSaver(config, ctx)
-        self.skipped_in_a_row = 0  # consecutive skipped steps that count toward max_skipped_in_a_row
 
     def save_checkpoint(self) -> None:
         """Save at the current iteration when ``checkpoint.save`` is set (once per iteration)."""
@@ -197,7 +196,7 @@ class Trainer:
         state.history.append(loss)
         if result.successful:
             parts.lr_scheduler.step(global_batch if self.use_samples else 1)
-            self.skipped_in_a_row = 0
+            state.skipped_in_a_row = 0
         else:
             state.skipped_iterations += 1
             self._count_skipped(loss, result)
@@ -212,13 +211,13 @@ class Trainer:
         limit = cfg.training.max_skipped_in_a_row
         if cfg.precision.dtype == "fp16" and result.loss_scale > cfg.precision.min_loss_scale:
             return  # the scaler backs off and retries
-        self.skipped_in_a_row += 1
+        state.skipped_in_a_row += 1
         if self.ctx.rank == 0:
             logger.warning(f"iteration {state.iteration}: optimizer step skipped, gradients not finite (loss {loss}); "
-                           f"{self.skipped_in_a_row} in a row, the run stops at training.max_skipped_in_a_row {limit}")
-        if self.skipped_in_a_row >= limit:
+                           f"{state.skipped_in_a_row} in a row, the run stops at training.max_skipped_in_a_row {limit}")
+        if state.skipped_in_a_row >= limit:
             raise SkippedStepsError(
-                f"{self.skipped_in_a_row} optimizer steps in a row skipped for non-finite gradients, the last at "
+                f"{state.skipped_in_a_row} optimizer steps in a row skipped for non-finite gradients, the last at "
                 f"iteration {state.iteration} (loss {loss}, consumed samples {state.consumed_train_samples}, "
                 f"precision {cfg.precision.dtype}; training.max_skipped_in_a_row {limit}): lower optimizer.lr, "
                 "check the data these iterations read, or train in bf16 (precision.dtype=bf16) rather than fp16")

@@ -23,6 +23,7 @@ class TrainingState:
     iteration: int = 0
     consumed_train_samples: int = 0
     skipped_iterations: int = 0
+    skipped_in_a_row: int = 0   # consecutive skipped steps, toward training.max_skipped_in_a_row
     history: list[float] = field(default_factory=list)  # every iteration's reduced loss (this process's run)
 
 

@@ -236,3 +236,19 @@ def test_resume_may_extend_the_context_but_not_change_the_shape(tmp_path, caplog
     wider = load_config(None, [*overrides, load, "model.ffn_hidden_size=256"])
     with pytest.raises(CheckpointError, match=r"another shape \(ffn_size 128 -> 256\)"):
         build_trainer_parts(wider, ParallelContext.single_process())
+
+
+def test_the_skip_streak_survives_a_resume(tmp_path):
+    """Consecutive skipped steps count toward max_skipped_in_a_row across a restart too."""
+    from megatron_aquila.build import build_trainer_parts
+    from megatron_aquila.checkpoint.saver import CheckpointSaver
+    from megatron_aquila.parallel.context import ParallelContext
+    from training import train_with
+
+    overrides = [*RECIPE_KEYS, "parallel.tensor_parallel=1", "training.train_iters=2"]
+    state, parts, ctx = train_with(overrides, 1)
+    state.skipped_in_a_row = 3
+    CheckpointSaver(load_config(None, [*overrides, f"checkpoint.save={tmp_path / 'ckpt'}"]), ctx).save(parts, state)
+    config = load_config(None, [*overrides, f"checkpoint.load={tmp_path / 'ckpt'}"])
+    _, resumed = build_trainer_parts(config, ParallelContext.single_process())
+    assert (resumed.iteration, resumed.skipped_in_a_row) == (2, 3)

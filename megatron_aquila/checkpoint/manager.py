@@ -214,7 +214,8 @@ def load_checkpoint(config: Config, ctx: ParallelContext, parts: TrainerParts) -
     logger.info(f"loaded checkpoint {path} (iteration {meta['iteration']}, saved with layout {meta['layout']}"
                 f"{'' if load_optim else ', optimizer state skipped'})")
     return TrainingState(iteration=meta["iteration"], consumed_train_samples=meta["consumed_train_samples"],
-                         skipped_iterations=meta["skipped_iterations"])
+                         skipped_iterations=meta["skipped_iterations"],
+                         skipped_in_a_row=meta.get("skipped_in_a_row", 0))   # absent before this counter existed
 
 
 def load_checkpoint_into(model_chunks: Iterable[nn.Module], path: str | os.PathLike,

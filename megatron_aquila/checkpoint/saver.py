@@ -241,6 +241,7 @@ class CheckpointSaver:
         return {
             "format": META_FORMAT, "iteration": state.iteration,
             "consumed_train_samples": state.consumed_train_samples, "skipped_iterations": state.skipped_iterations,
+            "skipped_in_a_row": state.skipped_in_a_row,
             "lr_scheduler": parts.lr_scheduler.state_dict(),
             "grad_scaler": None if optimizer.grad_scaler is None else optimizer.grad_scaler.state_dict(),
             "adam_step": step, "optimizer_kind": optimizer.kind, "layout": layout_of(self.config, self.ctx),

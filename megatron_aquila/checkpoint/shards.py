@@ -132,7 +132,8 @@ class ShardedBoxes:
         return items
 
     def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
-        return [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape) for offsets, tensor in self.chunks]
+        return [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape)
+                for offsets, tensor in self.chunks]
 
     def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
         for offsets, tensor in self.chunks:
