@@ -17,7 +17,7 @@ import torch.distributed.checkpoint as dcp
 
 from distributed import run_distributed
 from megatron_aquila.checkpoint import manager, saver
-from megatron_aquila.checkpoint.manager import CheckpointError, check_complete, read_meta
+from megatron_aquila.checkpoint.manager import CheckpointError, check_complete, read_dcp_metadata, read_meta
 from megatron_aquila.checkpoint.shards import ShardedBoxes, flat_range_boxes
 from megatron_aquila.config import ConfigError, load_config
 
@@ -127,11 +127,11 @@ def test_zero1_save_and_load_hand_dcp_only_the_local_shard(tmp_path):
     assert total == results[0]["param_elements"], "the DP shards partition the model"
     # A checkpoint missing one rank's shard file fails with the file's name, before DCP reads anything.
     checkpoint = tmp_path / "ckpt" / "iter_0000002"
-    check_complete(checkpoint)
+    check_complete(checkpoint, read_dcp_metadata(checkpoint))
     lost = sorted(checkpoint.glob("*.distcp"))[-1]
     lost.unlink()
     with pytest.raises(CheckpointError, match=rf"missing or has truncated shard file\(s\) {lost.name}"):
-        check_complete(checkpoint)
+        check_complete(checkpoint, read_dcp_metadata(checkpoint))
 
 
 # ---------------------------------------------------------------------------------- one process
@@ -252,3 +252,29 @@ def test_the_skip_streak_survives_a_resume(tmp_path):
     config = load_config(None, [*overrides, f"checkpoint.load={tmp_path / 'ckpt'}"])
     _, resumed = build_trainer_parts(config, ParallelContext.single_process())
     assert (resumed.iteration, resumed.skipped_in_a_row) == (2, 3)
+
+
+def test_a_second_save_of_an_iteration_replaces_it_and_a_crash_midway_falls_back(tmp_path):
+    """Restarting from an earlier checkpoint into the same directory saves over the old attempt's
+    checkpoints; the old one is set aside (never deleted before the new one is in place)."""
+    from megatron_aquila.checkpoint.manager import load_checkpoint_into, resolve_checkpoint
+    from megatron_aquila.checkpoint.saver import CheckpointSaver
+    from megatron_aquila.model.aquila import AquilaModel
+    from megatron_aquila.parallel.context import ParallelContext
+    from training import train_with
+
+    overrides = [*RECIPE_KEYS, "parallel.tensor_parallel=1", "training.train_iters=2"]
+    state, parts, ctx = train_with(overrides, 1)
+    config = load_config(None, [*overrides, f"checkpoint.save={tmp_path / 'ckpt'}"])
+    CheckpointSaver(config, ctx).save(parts, state)
+    with torch.no_grad():
+        parts.model_chunks[0].output_layer.weight.add_(1.0)      # another attempt's state at iteration 2
+    CheckpointSaver(config, ctx).save(parts, state)
+    root = tmp_path / "ckpt"
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "latest"]
+    model = AquilaModel(config.model, ParallelContext.single_process(), seed=99)
+    load_checkpoint_into([model], root, ParallelContext.single_process())
+    assert torch.equal(model.output_layer.weight, parts.model_chunks[0].output_layer.weight)
+
+    (root / "iter_0000002").rename(root / "iter_0000002.replaced")   # a crash between the two renames
+    assert resolve_checkpoint(root) == root / "iter_0000002.replaced"

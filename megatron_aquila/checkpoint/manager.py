@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from megatron_aquila.checkpoint import state as ckpt_state
 from megatron_aquila.checkpoint.shards import BoxesLoadPlanner
@@ -47,6 +47,7 @@ META_FORMAT = "megatron_aquila.checkpoint.v2"
 READABLE_FORMATS = (META_FORMAT, "megatron_aquila.checkpoint.v1")
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
+REPLACED_SUFFIX = ".replaced"   # a checkpoint being replaced by a new save of its iteration (saver)
 
 
 class CheckpointError(RuntimeError):
@@ -60,6 +61,11 @@ def layout_of(config: Config, ctx: ParallelContext) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------- find
+def missing_files(path: Path) -> list[str]:
+    """The files a finished checkpoint directory has and ``path`` lacks (empty: it is complete)."""
+    return [name for name in (".metadata", META_FILE) if not (path / name).is_file()]
+
+
 def resolve_checkpoint(load: str | os.PathLike) -> Optional[Path]:
     """The complete checkpoint directory ``load`` designates, or None to start from scratch."""
     path = Path(load)
@@ -69,12 +75,17 @@ def resolve_checkpoint(load: str | os.PathLike) -> Optional[Path]:
     if (path / LATEST_FILE).is_file():
         name = (path / LATEST_FILE).read_text().strip()
         path = path / name
+        replaced = path.with_name(path.name + REPLACED_SUFFIX)
+        if not path.is_dir() and replaced.is_dir() and not missing_files(replaced):
+            logger.warning(f"{path} is missing: a save replacing it stopped midway; resuming the checkpoint "
+                           f"it replaced, {replaced}")
+            return replaced
         if not path.is_dir():
             raise CheckpointError(f"{path.parent / LATEST_FILE} names {name!r} but {path} does not exist; "
                                   "fix the latest file or load an existing iter_* directory")
     elif not path.name.startswith("iter_"):
         return None
-    missing = [name for name in (".metadata", META_FILE) if not (path / name).is_file()]
+    missing = missing_files(path)
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: missing {', '.join(missing)}; "
                               "load an earlier complete iter_* directory")
@@ -93,13 +104,16 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def check_complete(path: Path) -> None:
+def read_dcp_metadata(path: Path) -> Metadata:
+    return dcp.FileSystemReader(str(path)).read_metadata()
+
+
+def check_complete(path: Path, metadata: Metadata) -> None:
     """Every shard file the metadata names is present and long enough, and every tensor's chunks cover it.
 
     A checkpoint missing some ranks' shards (a lost ``__3_0.distcp``, a copy that skipped files)
     fails here with the file names instead of deep inside DCP or, worse, with garbage weights.
     """
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -118,9 +132,9 @@ def check_complete(path: Path) -> None:
                                       "an earlier complete iter_* directory")
 
 
-def _check_keys(path: Path, wanted: dict[str, Any]) -> None:
+def _check_keys(path: Path, wanted: dict[str, Any], metadata: Metadata) -> None:
     """Every wanted key exists in the checkpoint with the same global shape (clear error otherwise)."""
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = metadata.state_dict_metadata
     missing = sorted(key for key in wanted if key not in saved)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensor(s), e.g. {missing[:3]}; it was saved "
@@ -132,8 +146,8 @@ def _check_keys(path: Path, wanted: dict[str, Any]) -> None:
                                   "make_vocab_size_divisible_by x TP) must match")
 
 
-def _dcp_load(path: Path, values: dict[str, Any]) -> None:
-    _check_keys(path, values)
+def _dcp_load(path: Path, values: dict[str, Any], metadata: Metadata) -> None:
+    _check_keys(path, values, metadata)
     dcp.load(values, checkpoint_id=str(path), planner=BoxesLoadPlanner(), no_dist=not dist.is_initialized())
 
 
@@ -179,7 +193,8 @@ def load_checkpoint(config: Config, ctx: ParallelContext, parts: TrainerParts) -
         logger.info(f"no checkpoint to resume in {c.load} (no '{LATEST_FILE}' file): starting from scratch")
         return None
     meta = read_meta(path)
-    check_complete(path)
+    metadata = read_dcp_metadata(path)
+    check_complete(path, metadata)
     changed = check_model_change(path, meta, config)
     if changed:
         logger.info(f"resuming {path} with a changed model section: {'; '.join(changed)}")
@@ -202,7 +217,7 @@ def load_checkpoint(config: Config, ctx: ParallelContext, parts: TrainerParts) -
     elif not c.no_load_rng:
         logger.warning(f"checkpoint layout {meta['layout']} differs from this run's {layout_of(config, ctx)}: "
                        f"RNG states not restored; generators keep their seeding from training.seed")
-    _dcp_load(path, values)
+    _dcp_load(path, values, metadata)
     if load_optim:
         if optimizer.grad_scaler is not None:
             optimizer.grad_scaler.load_state_dict(meta["grad_scaler"])
@@ -229,8 +244,9 @@ def load_checkpoint_into(model_chunks: Iterable[nn.Module], path: str | os.PathL
     if resolved is None:
         raise CheckpointError(f"{path} holds no checkpoint: expected a '{LATEST_FILE}' file or an iter_* directory")
     meta = read_meta(resolved)
-    check_complete(resolved)
-    _dcp_load(resolved, ckpt_state.model_state(list(model_chunks), ctx))
+    metadata = read_dcp_metadata(resolved)
+    check_complete(resolved, metadata)
+    _dcp_load(resolved, ckpt_state.model_state(list(model_chunks), ctx), metadata)
     return meta
 
 
@@ -244,7 +260,7 @@ class CheckpointModelTensors(Mapping[str, torch.Tensor]):
 
     def __init__(self, path: Path):
         self.path = path
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        saved = read_dcp_metadata(path).state_dict_metadata
         self._items = {key[len("model."):]: item for key, item in saved.items() if key.startswith("model.")}
         if not self._items:
             raise CheckpointError(f"checkpoint {path} holds no model.* tensors")

@@ -14,9 +14,11 @@ Order of a save, which keeps the previous checkpoint loadable if any step fails 
 4. with ``checkpoint.keep_last = N``, rank 0 deletes the oldest complete checkpoints beyond the
    N newest, never the one ``latest`` names.
 
-A complete checkpoint of the same iteration (a run resumed from it and stopped at once) is not
-written again: its state is the run's state, and replacing it would remove ``latest``'s target
-before its replacement exists.
+A checkpoint of the same iteration already there (another attempt's, when a run restarts from an
+earlier checkpoint into the same directory) is replaced: it is renamed to ``iter_XXXXXXX.replaced``
+before step 2 and deleted only after step 3, so a crash in between leaves it for
+``manager.resolve_checkpoint`` to fall back on; ``latest``'s target is never deleted before its
+replacement is in place. (The trainer never re-saves the iteration it resumed from.)
 
 ``checkpoint.async_save``: the loop is blocked only while the state is copied to host memory
 (pinned on GPU); a background thread runs steps 1-4 over a gloo process group of its own (DCP's
@@ -41,7 +43,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from megatron_aquila.checkpoint import state as ckpt_state
-from megatron_aquila.checkpoint.manager import LATEST_FILE, META_FILE, META_FORMAT, CheckpointError, layout_of
+from megatron_aquila.checkpoint.manager import (LATEST_FILE, META_FILE, META_FORMAT, REPLACED_SUFFIX, CheckpointError,
+                                                layout_of, missing_files)
 from megatron_aquila.checkpoint.shards import BoxesSavePlanner, ShardedBoxes
 from megatron_aquila.config import Config
 from megatron_aquila.parallel.context import ParallelContext
@@ -80,7 +83,7 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     found = []
     for entry in root.iterdir() if root.is_dir() else ():
         match = ITERATION_DIR.match(entry.name)
-        if match and (entry / META_FILE).is_file() and (entry / ".metadata").is_file():
+        if match and not missing_files(entry):
             found.append((int(match.group(1)), entry))
     return sorted(found)
 
@@ -136,9 +139,6 @@ class CheckpointSaver:
             raise CheckpointError("checkpoint.save is not set: nowhere to save; set checkpoint.save=DIR")
         self.wait()
         final = self.root / iteration_dir_name(state.iteration)
-        if self._already_saved(final):
-            logger.info(f"checkpoint {final} already exists complete: not written again, 'latest' names it")
-            return final
         staging = final.with_name(final.name + ".tmp")
         if self.ctx.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -206,21 +206,18 @@ class CheckpointSaver:
         if meta is None:
             return
         write_text_atomic(staging / META_FILE, json.dumps(meta, indent=1))
+        replaced = final.with_name(final.name + REPLACED_SUFFIX)
+        if final.exists():      # the same iteration from another attempt: set aside, deleted below
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            os.rename(final, replaced)
         os.replace(staging, final)
         _fsync_dir(final.parent)
         write_text_atomic(final.parent / LATEST_FILE, final.name + "\n")
+        if replaced.exists():
+            shutil.rmtree(replaced)
         if self.config.checkpoint.keep_last is not None:
             apply_retention(final.parent, self.config.checkpoint.keep_last)
-
-    def _already_saved(self, final: Path) -> bool:
-        """Rank 0 decides (one view of a shared file system) and, when it exists, points ``latest`` at it."""
-        exists = torch.tensor([0.0], device=self.ctx.device)
-        if self.ctx.rank == 0 and (final / META_FILE).is_file() and (final / ".metadata").is_file():
-            exists[0] = 1.0
-            write_text_atomic(final.parent / LATEST_FILE, final.name + "\n")
-        if dist.is_initialized():
-            dist.broadcast(exists, src=0)
-        return bool(exists.item())
 
     def _refuse_non_finite(self, parts: TrainerParts, state: TrainingState) -> None:
         """Never store NaN/Inf weights: check every rank's parameters, agree over the world."""
