@@ -103,7 +103,7 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
     return files
 
 
-def _read_batches(files: list[str], batch_size: int) -> Iterator[_LineBatch]:
+def read_line_batches(files: list[str], batch_size: int) -> Iterator[_LineBatch]:
     for path in files:
         opener = gzip.open if path.endswith(".gz") else open
         line_number = 0
@@ -201,7 +201,7 @@ def _init_worker(encoder: _BatchEncoder) -> None:
 
 
 @contextlib.contextmanager
-def _parallelism_configured_off() -> Iterator[None]:
+def parallelism_configured_off() -> Iterator[None]:
     """Set TOKENIZERS_PARALLELISM=false while workers are created, then restore it.
 
     Children inherit the setting, so HF tokenizers neither warns nor needs to intervene when this
@@ -224,7 +224,7 @@ def _encode_in_worker(batch: _LineBatch) -> _EncodedBatch:
 
 def _encoded_batches(config: PreprocessConfig, files: list[str], encoder: _BatchEncoder) -> Iterator[_EncodedBatch]:
     """Encoded batches in input order; at most 2 x workers batches are in flight."""
-    batches = _read_batches(files, config.batch_size)
+    batches = read_line_batches(files, config.batch_size)
     if config.workers == 1:
         yield from map(encoder, batches)
         return
@@ -232,7 +232,7 @@ def _encoded_batches(config: PreprocessConfig, files: list[str], encoder: _Batch
     # large share of the run time on small corpora); they start with HF tokenizers' threads off.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    with _parallelism_configured_off():
+    with parallelism_configured_off():
         pool = context.Pool(config.workers, _init_worker, (encoder,))
     with pool:
         pending: collections.deque = collections.deque()
