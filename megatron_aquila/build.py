@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from megatron_aquila.batch_schedule import BatchSchedule
-from megatron_aquila.checkpoint.init_weights import initialize_from_full_state
+from megatron_aquila.checkpoint.init_weights import initialize_weights
 from megatron_aquila.checkpoint.manager import load_checkpoint, will_resume
 from megatron_aquila.config import Config
 from megatron_aquila.data.loader import build_streams
@@ -71,7 +71,7 @@ def build_trainer_parts(config: Config, ctx: ParallelContext) -> tuple[TrainerPa
     )
     state = load_checkpoint(config, ctx, parts) if config.checkpoint.load is not None else None
     if state is None and config.checkpoint.init_weights is not None:
-        initialize_from_full_state(config.checkpoint.init_weights, config.model, chunks, optimizer, ctx)
+        initialize_weights(config.checkpoint.init_weights, config, chunks, optimizer, ctx)
     return parts, state or TrainingState()
 
 

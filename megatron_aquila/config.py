@@ -90,9 +90,10 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Layout of the TP x DP x PP grid (DP is whatever the world size leaves)."""
+    """Layout of the TP x CP x DP x PP grid (DP is whatever the world size leaves)."""
 
     tensor_parallel: int = 1
+    context_parallel: int = 1               # ranks splitting each sequence (2 x CP load-balanced chunks)
     pipeline_parallel: int = 1
     virtual_pipeline_stages: int = 1        # model chunks per pipeline rank (interleaved 1F1B when > 1)
     pipeline_layers: Optional[list[int]] = None  # explicit layers per stage, e.g. [3, 5]; None = even split
@@ -176,7 +177,8 @@ class CheckpointConfig:
     load: Optional[str] = None
     no_load_optim: bool = False
     no_load_rng: bool = False
-    init_weights: Optional[str] = None      # from-hf output directory (or its index, or a full_state.safetensors) when not resuming
+    init_weights: Optional[str] = None      # when not resuming: a from-hf output directory (or its index, or a
+                                            # full_state.safetensors), or one of our checkpoints (weights only)
     async_save: bool = False                # stage to host memory, write in the background while training goes on
     keep_last: Optional[int] = None         # keep the N newest complete checkpoints (None keeps all)
 
@@ -211,7 +213,8 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.parallel.tensor_parallel * self.parallel.pipeline_parallel)
+        p = self.parallel
+        return world_size // (p.tensor_parallel * p.context_parallel * p.pipeline_parallel)
 
     def validate(self, world_size: int) -> None:
         """Check every divisibility and choice; raise ConfigError carrying the numbers."""
@@ -363,12 +366,18 @@ def _validate_rope_scaling(m: ModelConfig) -> None:
 
 def validate_config(config: Config, world_size: int) -> None:
     m, p, t, o, pr = config.model, config.parallel, config.training, config.optimizer, config.precision
-    tp, pp, vpp = p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_stages
-    _require(tp >= 1 and pp >= 1 and vpp >= 1, f"parallel sizes must be >= 1: tp {tp}, pp {pp}, vpp {vpp}")
-    _require(world_size % (tp * pp) == 0,
-             f"world size {world_size} is not divisible by tensor_parallel {tp} x pipeline_parallel {pp} = "
-             f"{tp * pp}; launch a multiple of {tp * pp} processes or change the layout")
-    dp = world_size // (tp * pp)
+    tp, cp, pp, vpp = p.tensor_parallel, p.context_parallel, p.pipeline_parallel, p.virtual_pipeline_stages
+    _require(tp >= 1 and cp >= 1 and pp >= 1 and vpp >= 1,
+             f"parallel sizes must be >= 1: tp {tp}, cp {cp}, pp {pp}, vpp {vpp}")
+    _require(world_size % (tp * cp * pp) == 0,
+             f"world size {world_size} is not divisible by tensor_parallel {tp} x context_parallel {cp} x "
+             f"pipeline_parallel {pp} = {tp * cp * pp}; launch a multiple of {tp * cp * pp} processes or change "
+             "the layout")
+    dp = world_size // (tp * cp * pp)
+    if cp > 1:
+        _require(m.seq_length % (2 * cp) == 0,
+                 f"model.seq_length {m.seq_length} is not divisible by 2 x context_parallel {cp} = {2 * cp} (each "
+                 f"rank holds 2 of 2 x {cp} load-balanced chunks); use a multiple of {2 * cp}")
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"model.hidden_size {m.hidden_size} is not divisible by num_attention_heads {m.num_attention_heads}")
     _require(m.num_attention_heads % m.kv_heads == 0,
@@ -384,8 +393,9 @@ def validate_config(config: Config, world_size: int) -> None:
     _require(m.padded_vocab_size(tp) % tp == 0, f"padded vocab {m.padded_vocab_size(tp)} % tp {tp} != 0")
     if p.sequence_parallel:
         _require(tp > 1, "parallel.sequence_parallel needs tensor_parallel > 1")
-        _require(m.seq_length % tp == 0,
-                 f"seq_length {m.seq_length} is not divisible by tensor_parallel {tp} (sequence parallel)")
+        _require((m.seq_length // cp) % tp == 0,
+                 f"seq_length {m.seq_length} / context_parallel {cp} = {m.seq_length // cp} is not divisible by "
+                 f"tensor_parallel {tp} (sequence parallel splits each rank's tokens over TP)")
     if p.pipeline_layers is not None:
         _require(len(p.pipeline_layers) == pp * vpp and sum(p.pipeline_layers) == m.num_layers,
                  f"parallel.pipeline_layers {p.pipeline_layers} must list {pp * vpp} stages (pp {pp} x vpp "

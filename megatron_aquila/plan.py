@@ -15,9 +15,10 @@ What it does, without a GPU and without allocating a single weight:
    tensors THIS code saves for backward (``activation_bytes_per_layer`` and friends), derived from
    model/transformer.py, kernels.py, parallel/layers.py and cross_entropy.py and measured on CPU by
    tests/test_activation_memory.py (saved_tensors_hooks, TP1 and TP2 with and without SP, fp32 and
-   bf16, every recompute mode: equal to the byte). Per layer per micro-batch, with s seq length,
-   b micro batch, h hidden, n heads, g kv heads, d head dim, f ffn width, t TP, s' = s/t under
-   sequence parallelism (else s), a = 2 (fp16/bf16) or 4 (fp32) bytes per activation:
+   bf16, every recompute mode: equal to the byte). Per layer per micro-batch, with s this rank's
+   tokens per sample (seq length / CP), b micro batch, h hidden, n heads, g kv heads, d head dim,
+   f ffn width, t TP, s' = s/t under sequence parallelism (else s), a = 2 (fp16/bf16) or 4 (fp32)
+   bytes per activation:
        recompute none        2 [a s' b h + 4 s' b]         two RMSNorms: the input in its dtype and the fp32
                                                           rstd (torch, apex and TE kernels alike)
                            + 2 a s' b h                   inputs of QKV and gate_up (under SP the sequence
@@ -30,8 +31,11 @@ What it does, without a GPU and without allocating a single weight:
        selective recompute   the same without the logsumexp: the checkpointed core keeps q, k, v as
                              its inputs, and flash attention stores no scores to drop
        full recompute        a s' b h (the block input) + one layer of "none" while it is recomputed
-       --no-flash-attention  adds the s x s probabilities a b n s^2 / t (an estimate, not measured);
-                             fp32 models get it too, since flash-attn needs fp16/bf16
+       context parallel cp>1 without recompute: the local k and v give way to the gathered K and V
+                             of the whole sequence, a (cp s) b d 2g / t, and the attention output is
+                             kept twice (the chunks' kernel outputs and their concatenation), + a s b n d / t
+       --no-flash-attention  adds the s x s probabilities a b n s^2 / t (an estimate, not measured;
+                             cp s^2 under CP); fp32 models get it too, since flash-attn needs fp16/bf16
    First stage: the token ids (8 s b; 9 s b under TP). Last stage: the final norm, the output layer
    input a s' b h and the cross entropy's fp32 softmax of the local vocabulary shard 4 s b V/t
    (+ 9 s b for its int64 targets and bool mask).
@@ -118,7 +122,7 @@ def _planning_context(config: Config, world_size: int, tp_rank: int, pp_rank: in
                       tp_group: ProcessGroup) -> ParallelContext:
     tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
     return ParallelContext(
-        rank=0, world_size=world_size, tp_size=tp, dp_size=world_size // (tp * pp), pp_size=pp,
+        rank=0, world_size=world_size, tp_size=tp, dp_size=config.data_parallel_size(world_size), pp_size=pp,
         tp_rank=tp_rank, dp_rank=0, pp_rank=pp_rank, tp_group=tp_group, dp_group=None, pp_group=None,
         model_parallel_group=None, world_group=None, pp_ranks=tuple(range(pp)), device=torch.device("meta"))
 
@@ -156,7 +160,7 @@ def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
 class ActivationShape:
     """What the saved-activation bytes of one micro-batch depend on (module docstring, step 3)."""
 
-    seq_length: int           # s
+    seq_length: int           # this rank's tokens per sample: model.seq_length / cp
     micro_batch: int          # b
     hidden: int               # h
     heads: int                # n (all ranks)
@@ -169,17 +173,19 @@ class ActivationShape:
     recompute: str            # none | selective | full
     dtype_bytes: int          # a: 2 for fp16/bf16 activations, 4 for fp32
     attention_saves_scores: bool = False  # math attention: s x s probabilities kept (estimate only)
+    cp: int = 1               # context parallel: attention sees the keys of cp x seq_length tokens
 
     @classmethod
     def from_config(cls, config: Config, *, attention_saves_scores: bool = False) -> "ActivationShape":
         m, p = config.model, config.parallel
         return cls(
-            seq_length=m.seq_length, micro_batch=config.training.micro_batch_size, hidden=m.hidden_size,
+            seq_length=m.seq_length // p.context_parallel, micro_batch=config.training.micro_batch_size,
+            hidden=m.hidden_size,
             heads=m.num_attention_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, ffn=m.ffn_size,
             padded_vocab=m.padded_vocab_size(p.tensor_parallel), tp=p.tensor_parallel,
             sequence_parallel=p.sequence_parallel and p.tensor_parallel > 1, recompute=config.training.recompute,
             dtype_bytes=MODEL_DTYPE_BYTES[config.precision.dtype],
-            attention_saves_scores=attention_saves_scores)
+            attention_saves_scores=attention_saves_scores, cp=p.context_parallel)
 
     @property
     def norm_seq(self) -> int:
@@ -205,8 +211,10 @@ def activation_bytes_per_layer(shape: ActivationShape, recompute: Optional[str] 
     attention = a * s * b * d * (2 * n + 2 * g) // t  # rotated q [n d], rotated k [g d], v [g d], out [n d]
     if recompute == "none":
         attention += 4 * b * n * s // t  # logsumexp [b, n/t, s] fp32
+        if shape.cp > 1:  # gathered K, V [cp s, b, g/t, d] replace the local ones; out kept twice (chunks, cat)
+            attention += a * (shape.cp - 1) * s * b * d * 2 * g // t + a * s * b * n * d // t
     if shape.attention_saves_scores and recompute == "none":
-        attention += a * b * n * s * s // t  # softmax probabilities [b, n/t, s, s]
+        attention += a * b * n * s * s * shape.cp // t  # softmax probabilities [b, n/t, s, cp s] (upper bound)
     mlp = 3 * a * s * b * f // t  # gate_up output [s, b, 2f/t] and silu(gate) * up [s, b, f/t]
     return norms + column_inputs + attention + mlp
 
@@ -261,7 +269,7 @@ class RankMemory:
 
 def rank_memory(config: Config, world_size: int, rank: RankParameters, shape: ActivationShape) -> RankMemory:
     p = config.parallel
-    n, dp = rank.total, config.data_parallel_size(world_size)
+    n, dp = rank.total, config.data_parallel_size(world_size) * p.context_parallel  # ZeRO-1 shards over DP x CP
     dtype = config.precision.dtype
     replicated_per_param = (0 if dtype == "fp32" else 4) + 8  # fp32 master (unless fp32 model) + Adam m, v
     sharded_per_param = 4 + 8   # the distributed optimizer keeps fp32 master pieces even for an fp32 model
@@ -294,13 +302,14 @@ def plan(config: Config, nodes: int, gpus_per_node: int, gpu: GpuSpec, mfu: floa
     config.validate(world)
     m, p, t = config.model, config.parallel, config.training
     tp, pp, vpp, dp = p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_stages, config.data_parallel_size(world)
+    cp = p.context_parallel
     padded_vocab = m.padded_vocab_size(tp)
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
     # flash-attn needs fp16/bf16; otherwise count the s x s scores (the math attention path), as an estimate
     shape = ActivationShape.from_config(
         config, attention_saves_scores=not (flash_attention and config.precision.dtype in ("bf16", "fp16")))
-    out = [f"layout: {nodes} nodes x {gpus_per_node} {gpu.name} = {world} GPUs; TP {tp} x PP {pp} (virtual {vpp}) "
-           f"x DP {dp}; sequence parallel {p.sequence_parallel}; distributed optimizer {p.distributed_optimizer}",
+    out = [f"layout: {nodes} nodes x {gpus_per_node} {gpu.name} = {world} GPUs; TP {tp} x CP {cp} x PP {pp} "
+           f"(virtual {vpp}) x DP {dp}; sequence parallel {p.sequence_parallel}; distributed optimizer {p.distributed_optimizer}",
            f"batch: micro {t.micro_batch_size} x DP {dp} x {microbatches} micro-batches = global "
            f"{t.global_batch_size}" + (f" (ramp-up {t.rampup_batch_size})" if t.rampup_batch_size else "")]
     if pp > 1:
@@ -332,7 +341,7 @@ def plan(config: Config, nodes: int, gpus_per_node: int, gpu: GpuSpec, mfu: floa
                f"fp32 master + Adam m,v):")
     for mem in memories:
         out.append(f"  pp {mem.pp_rank}: weights {_gib(mem.weights)} | grads {_gib(mem.grads)} | optimizer "
-                   f"{_gib(mem.optimizer_replicated)} replicated, {_gib(mem.optimizer_sharded)} sharded over DP {dp} | "
+                   f"{_gib(mem.optimizer_replicated)} replicated, {_gib(mem.optimizer_sharded)} sharded over DP x CP {dp * cp} | "
                    f"activations {_gib(mem.activations)} ({mem.in_flight:g} micro-batches in flight)")
     worst = max(memories, key=lambda mem: mem.total(p.distributed_optimizer))
     out.append(f"activations: the tensors this code saves for backward (derived from the model code, measured on CPU "
@@ -358,7 +367,9 @@ def plan(config: Config, nodes: int, gpus_per_node: int, gpu: GpuSpec, mfu: floa
                f"{tokens_per_gpu:,.0f} tokens/s/GPU, {gpu.peak_tflops * mfu:.0f} TFLOP/s/GPU")
     if t.train_samples is not None:
         days = t.train_samples / t.global_batch_size * iteration_s / 86400
-        out.append(f"run: {t.train_samples:,} samples = {t.train_samples * m.seq_length / 1e12:.2f}T tokens, "
+        tokens = t.train_samples * m.seq_length
+        amount = f"{tokens / 1e12:.2f}T" if tokens >= 1e12 else f"{tokens / 1e9:.2f}B"
+        out.append(f"run: {t.train_samples:,} samples = {amount} tokens, "
                    f"about {days:.1f} days at full batch (ramp-up and restarts not counted)")
     out.append(("FITS" if fits else "DOES NOT FIT") + f" on {gpu.name}: estimated {_gib(used)} per GPU")
     return out, fits

@@ -64,7 +64,8 @@ def init_distributed(config: Config) -> ParallelContext:
             dist.init_process_group(backend="nccl", timeout=timedelta(minutes=30), device_id=device)
         else:
             dist.init_process_group(backend="gloo", timeout=timedelta(minutes=30))
-    return ParallelContext.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel, device)
+    return ParallelContext.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel, device,
+                                      cp_size=config.parallel.context_parallel)
 
 
 def save_resolved_config(config: Config, ctx: ParallelContext) -> None:

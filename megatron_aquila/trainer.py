@@ -68,7 +68,7 @@ class Trainer:
         return ScheduleSpec(
             model_chunks=self.parts.model_chunks, grad_buffers=self.parts.grad_buffers, ctx=self.ctx,
             num_microbatches=num_microbatches, micro_batch_size=self.config.training.micro_batch_size,
-            seq_length=model.seq_length, hidden_size=model.hidden_size,
+            seq_length=model.seq_length // self.ctx.cp_size, hidden_size=model.hidden_size,
             sequence_parallel=self.config.parallel.sequence_parallel, activation_dtype=self.config.precision.torch_dtype,
             loss_scale=1.0 if forward_only else self.parts.optimizer.loss_scale, forward_only=forward_only,
             loss_average=self.config.training.loss_average,

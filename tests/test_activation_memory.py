@@ -30,7 +30,8 @@ def _model_config(layers: int) -> ModelConfig:
                        kernels="torch")
 
 
-def _saved_bytes(model: AquilaModel, ids: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+def _saved_bytes(model: AquilaModel, ids: torch.Tensor, labels: torch.Tensor,
+                 positions: torch.Tensor | None = None) -> tuple[int, int]:
     """(bytes of distinct non-parameter storages saved for backward, largest trailing s x s count)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
@@ -45,7 +46,7 @@ def _saved_bytes(model: AquilaModel, ids: torch.Tensor, labels: torch.Tensor) ->
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(ids, labels=labels)
+        loss = model(ids, positions, labels=labels)
     loss.sum().backward()  # the graph is sound: everything it needed was kept
     return sum(storages.values()), square[0]
 
@@ -108,3 +109,47 @@ def test_formula_against_hand_count_for_aquila2_34b_layer():
     lse = b * (n // t) * s * 4
     mlp = s * b * (2 * f // t) * 2 + s * b * (f // t) * 2           # gate_up output, silu(gate) * up
     assert plan.activation_bytes_per_layer(shape) == 2 * norm + 2 * shard + q + k + v + out + lse + mlp
+
+
+def _cp_worker(rank: int, world_size: int) -> dict:
+    """One layer's saved bytes on each CP rank (its S / cp tokens, global position ids)."""
+    from megatron_aquila.parallel.context_parallel import split_batch
+
+    ctx = ParallelContext.initialize(1, 1, cp_size=world_size)
+    generator = torch.Generator().manual_seed(0)
+    batch = {"ids": torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator),
+             "labels": torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator),
+             "positions": torch.arange(SEQ).expand(BATCH, SEQ)}
+    local = split_batch(batch, ctx.cp_rank, ctx.cp_size)
+    measured = {}
+    for dtype, recompute in CASES:
+        saved = {}
+        for layers in (1, 2):
+            model = AquilaModel(_model_config(layers), ctx, recompute=recompute, params_dtype=DTYPES[dtype],
+                                device="cpu")
+            saved[layers] = _saved_bytes(model, local["ids"], local["labels"], local["positions"])[0]
+        measured[(dtype, recompute)] = saved[2] - saved[1]
+    return measured
+
+
+def cpu_mask_bytes(rank: int, cp: int, dtype_bytes: int) -> int:
+    """CPU SDPA materialises the lower-right causal mask [c, (k + 1) c] of each chunk k > 0 in the
+    activation dtype and saves it; CUDA kernels take the causal mask without materialising it
+    (flash-attn's causal=True, SDPA's fused kernels given the CausalBias), so the planner leaves it out."""
+    chunk = SEQ // (2 * cp)
+    return sum(dtype_bytes * chunk * (k + 1) * chunk for k in (rank, 2 * cp - 1 - rank) if k > 0)
+
+
+def test_saved_activations_per_layer_equal_formula_cp2():
+    """Under CP2 a layer saves the local tensors of S/2 tokens, plus (without recompute) the gathered
+    K and V of the whole sequence and a second copy of the attention output (plan.py docstring)."""
+    per_rank = run_distributed(_cp_worker, world_size=2)
+    for rank, measured in enumerate(per_rank):
+        for (dtype, recompute), got in measured.items():
+            dtype_bytes = 4 if dtype == "fp32" else 2
+            shape = plan.ActivationShape(
+                seq_length=SEQ // 2, micro_batch=BATCH, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS,
+                head_dim=HIDDEN // HEADS, ffn=FFN, padded_vocab=_model_config(1).padded_vocab_size(1), tp=1,
+                sequence_parallel=False, recompute=recompute, dtype_bytes=dtype_bytes, cp=2)
+            mask = cpu_mask_bytes(rank, 2, dtype_bytes) if recompute == "none" else 0
+            assert got == plan.activation_bytes_per_layer(shape) + mask, (rank, dtype, recompute, got)

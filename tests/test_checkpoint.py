@@ -155,6 +155,7 @@ def test_exact_resume_with_exit_interval(workdir, reference):
     ("tp1_pp2_dp2", 4, ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=2"]),
     ("tp1_dp4_zero1", 4, ["parallel.tensor_parallel=1"]),
     ("tp2_dp2_no_zero1", 4, ["parallel.distributed_optimizer=false"]),
+    ("tp2_cp2_zero1", 4, ["parallel.context_parallel=2"]),
 ])
 def test_reshard_continues_the_run(workdir, reference, name, nproc, layout):
     load = workdir / "reference" / "iter_0000012"
@@ -179,6 +180,25 @@ def test_reshard_tp2_pp2_dp2_to_tp1_pp4_dp2_and_one_process(workdir):
         ("from_tp2pp2dp2_single", 1, ["parallel.tensor_parallel=1", "parallel.distributed_optimizer=false"]),
     ]:
         losses = run(workdir, name, nproc, [*four_layers, *layout, f"checkpoint.load={load}"])
+        assert sorted(losses) == [5, 6], name
+        for iteration in (5, 6):
+            assert losses[iteration] == pytest.approx(original[iteration], rel=1e-5, abs=0), (name, iteration)
+
+
+def test_reshard_across_context_parallel_degrees(workdir):
+    """A CP2 x DP2 run (ZeRO-1 over DP x CP) saves at iteration 4; CP4 and one process (no CP) load
+    it and continue with the original run's losses."""
+    save = workdir / "cp2dp2"
+    layout = ["parallel.tensor_parallel=1", "training.train_iters=6"]
+    original = run(workdir, "cp2dp2", 4, [*layout, "parallel.context_parallel=2", f"checkpoint.save={save}",
+                                          "checkpoint.save_interval=4"])
+    assert sorted(original) == list(range(1, 7))
+    load = save / "iter_0000004"
+    for name, nproc, overrides in [
+        ("from_cp2_to_cp4", 4, ["parallel.context_parallel=4"]),
+        ("from_cp2_to_single", 1, ["parallel.distributed_optimizer=false"]),
+    ]:
+        losses = run(workdir, name, nproc, [*layout, *overrides, f"checkpoint.load={load}"])
         assert sorted(losses) == [5, 6], name
         for iteration in (5, 6):
             assert losses[iteration] == pytest.approx(original[iteration], rel=1e-5, abs=0), (name, iteration)

@@ -76,3 +76,32 @@ def test_missing_init_weights_is_a_clear_error(tmp_path):
                                                                                "parallel.distributed_optimizer=false"])
     with pytest.raises(ConversionError, match="nope.safetensors does not exist.*from-hf"):
         build_trainer_parts(config, ParallelContext.single_process())
+
+
+def extend_context(rank: int, world_size: int, save: str):
+    """Start a CP2 run with twice the context (PI factor 2) from checkpoint ``save``; one step at lr 0."""
+    from megatron_aquila.checkpoint.full_state import gather_full_state_dict
+
+    base = [item for item in overrides(save) if not item.startswith(("parallel.", "model.seq_length"))]
+    state, parts, ctx = train_with(base + ["model.seq_length=32", "model.rope_scaling=linear",
+                                           "model.rope_scaling_factor=2", "parallel.context_parallel=2",
+                                           "parallel.distributed_optimizer=true"], world_size)
+    return state.iteration, gather_full_state_dict(parts.model_chunks, ctx)
+
+
+def test_context_extension_starts_from_own_checkpoint(tmp_path):
+    """checkpoint.init_weights names a finished run's save directory: a CP2 run with seq 16 -> 32 and
+    linear RoPE scaling loads exactly its weights (resharded), with fresh counters."""
+    from megatron_aquila.checkpoint.full_state import gather_full_state_dict
+
+    save = tmp_path / "base"
+    base = [item for item in overrides("unused") if not item.startswith(("parallel.", "checkpoint."))]
+    state, parts, ctx = train_with(base + ["training.train_iters=2", "optimizer.lr_warmup_iters=0",
+                                           f"checkpoint.save={save}"], 1)
+    trained = gather_full_state_dict(parts.model_chunks, ctx)
+    assert (save / "iter_0000002").is_dir() and state.iteration == 2
+    iteration, extended = run_distributed(extend_context, 2, args=(str(save),))[0]
+    assert iteration == 1, f"the extension run must count its own iterations from 0, ended at {iteration}"
+    assert extended.keys() == trained.keys()
+    for name, value in trained.items():
+        assert torch.equal(extended[name], value), f"{name}: the extension run does not start from the checkpoint"

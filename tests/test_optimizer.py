@@ -352,9 +352,10 @@ def _warmed_up_groups(tp_size, pp_size):
 def _tp2dp2_worker(rank, world_size):
     ctx, warmed = _warmed_up_groups(tp_size=2, pp_size=1)
     # Every group this rank belongs to has seen one collective over all its members before any use
-    # (NCCL creates communicators on first use): TP, DP, PP, model-parallel, world; tp-dp-pp grid order.
-    tp = [2 * (rank // 2), 2 * (rank // 2) + 1]
-    assert warmed == [tp, [rank % 2, rank % 2 + 2], [rank], tp, [0, 1, 2, 3]], warmed
+    # (NCCL creates communicators on first use): TP, CP, DP, DP x CP, PP, model-parallel, world;
+    # tp-cp-dp-pp grid order with CP 1.
+    tp, dp = [2 * (rank // 2), 2 * (rank // 2) + 1], [rank % 2, rank % 2 + 2]
+    assert warmed == [tp, [rank], dp, dp, [rank], tp, [0, 1, 2, 3]], warmed
     torch.manual_seed(0)
     w, g, r = torch.randn(8, 4) * 0.5, 1.0 + 0.1 * torch.randn(4), torch.randn(3, 3) * 0.5
     full = ShardedNet(w, g, r, 0, 1)

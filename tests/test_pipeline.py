@@ -229,9 +229,9 @@ def test_freed_output_backward_matches_plain_backward():
 
 
 def test_per_token_count_is_all_reduced_over_dp_on_the_context_device(monkeypatch):
-    """N = sum of loss masks over DP, reduced on ctx.device (NCCL has no CPU tensors; "meta" stands in)."""
-    ctx = dataclasses.replace(ParallelContext.single_process(), dp_size=2, dp_group=DescribedGroup(size=2, rank=0),
-                              device=torch.device("meta"))
+    """N = sum of loss masks over DP x CP, reduced on ctx.device (NCCL has no CPU tensors; "meta" stands in)."""
+    ctx = dataclasses.replace(ParallelContext.single_process(), dp_size=2, cp_size=2,
+                              dp_cp_group=DescribedGroup(size=4, rank=0), device=torch.device("meta"))
     reduced = []
 
     class Reached(Exception):
@@ -244,7 +244,7 @@ def test_per_token_count_is_all_reduced_over_dp_on_the_context_device(monkeypatc
     monkeypatch.setattr(torch.distributed, "all_reduce", recording_all_reduce)
     with pytest.raises(Reached):
         global_loss_tokens([microbatch(0, 0), microbatch(0, 1)], ctx)
-    assert reduced == [(torch.device("meta"), torch.float64, ctx.dp_group)]
+    assert reduced == [(torch.device("meta"), torch.float64, ctx.dp_cp_group)]
 
 
 def test_schedule_selection_and_bad_layouts():

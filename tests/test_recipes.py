@@ -75,7 +75,7 @@ def test_recipes_validate_at_their_world_size_only():
     assert seven.data_parallel_size(96) == 96 and thirty_four.data_parallel_size(512) == 32
     with pytest.raises(ConfigError, match="global_batch_size 1728"):
         seven.validate(80)  # DP 80: 1728 % (2 x 80) != 0
-    with pytest.raises(ConfigError, match="tensor_parallel 4 x pipeline_parallel 4"):
+    with pytest.raises(ConfigError, match="tensor_parallel 4 x context_parallel 1 x pipeline_parallel 4"):
         thirty_four.validate(500)
 
 
@@ -165,7 +165,7 @@ def test_planner_clear_errors(capsys):
     assert "unknown GPU 'V100'" in capsys.readouterr().err
     argv = [str(RECIPE_34B), "--nodes", "1", "--gpus-per-node", "8", "--gpu", "H100"]
     assert plan.main(argv) == 2  # 8 GPUs cannot hold TP4 x PP4
-    assert "world size 8 is not divisible by tensor_parallel 4 x pipeline_parallel 4" in capsys.readouterr().err
+    assert "world size 8 is not divisible by tensor_parallel 4 x context_parallel 1 x pipeline_parallel 4" in capsys.readouterr().err
     assert plan.main(argv + ["parallel.tensor_parallel=3"]) == 2
     assert "configuration error" in capsys.readouterr().err
 
@@ -178,3 +178,36 @@ def test_planner_knows_h200_and_b200(name, memory_gib, peak, capsys):
     assert plan.main([str(RECIPE_7B), "--nodes", "12", "--gpus-per-node", "8", "--gpu", name]) == 0
     out = capsys.readouterr().out
     assert f"{memory_gib:g} GiB {name.upper()}" in out and f"of {peak:g} TFLOP/s" in out, out
+
+
+LONG_CONTEXT = [
+    # recipe, its base, nodes x GPU, (seq, PI factor, CP), tokens per global batch of the base
+    ("7b/aquila2_7b_8k.yaml", RECIPE_7B, 12, "A800-80G", (8192, 4.0, 2)),
+    ("7b/aquila2_7b_16k.yaml", RECIPE_7B, 12, "A800-80G", (16384, 8.0, 4)),
+    ("34b/aquila2_34b_8k.yaml", RECIPE_34B, 64, "A100-40G", (8192, 2.0, 2)),
+    ("34b/aquila2_34b_16k.yaml", RECIPE_34B, 64, "A100-40G", (16384, 4.0, 4)),
+]
+
+
+@pytest.mark.parametrize("name, base_path, nodes, gpu, extension", LONG_CONTEXT)
+def test_long_context_recipes_extend_the_base_and_fit(name, base_path, nodes, gpu, extension, capsys):
+    """Same model shape as the base, PI factor = new length / trained length, global tokens kept
+    within 1%, a CP degree without which the planner says it does not fit, and init from the base run."""
+    seq, factor, cp = extension
+    recipe, base = load_config(ROOT / "examples/aquila2" / name), load_config(base_path)
+    assert (recipe.model.seq_length, recipe.model.rope_scaling, recipe.model.rope_scaling_factor,
+            recipe.parallel.context_parallel) == (seq, "linear", factor, cp)
+    assert factor == seq / base.model.seq_length
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "kv_heads", "ffn_size", "vocab_size"):
+        assert getattr(recipe.model, key) == getattr(base.model, key), key
+    tokens, base_tokens = (c.training.global_batch_size * c.model.seq_length for c in (recipe, base))
+    assert abs(tokens / base_tokens - 1) < 0.01, (tokens, base_tokens)
+    assert recipe.checkpoint.init_weights == base.checkpoint.save
+    assert plan.main([str(ROOT / "examples/aquila2" / name), "--nodes", str(nodes), "--gpus-per-node", "8",
+                      "--gpu", gpu]) == 0, capsys.readouterr().out
+    p, world = recipe.parallel, nodes * 8
+    dp_without_cp = world // (p.tensor_parallel * p.pipeline_parallel)
+    without_cp = ["parallel.context_parallel=1", "training.global_batch_size="
+                  f"{recipe.training.micro_batch_size * dp_without_cp * p.pipeline_parallel}"]
+    assert plan.main([str(ROOT / "examples/aquila2" / name), *without_cp, "--nodes", str(nodes), "--gpus-per-node",
+                      "8", "--gpu", gpu]) == 1, "the recipe should not fit without context parallelism"

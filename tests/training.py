@@ -21,8 +21,9 @@ def train_with(overrides: list[str], world_size: int, recipe: Optional[Path] = N
     """
     config = load_config(recipe, overrides)
     config.validate(world_size)
+    p = config.parallel
     ctx = (ParallelContext.single_process() if world_size == 1 else
-           ParallelContext.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel))
+           ParallelContext.initialize(p.tensor_parallel, p.pipeline_parallel, cp_size=p.context_parallel))
     parts, state = build_trainer_parts(config, ctx)
     if prepare is not None:
         prepare(parts, ctx)

@@ -1,4 +1,4 @@
-"""Start a run from full-state weights (continued pretraining from a Hugging Face model).
+"""Start a run from given weights: continued pretraining from a Hugging Face model or a finished run.
 
 ``tools/convert_checkpoint.py from-hf`` turns a Llama/Aquila2 HF directory into a full state
 directory (``full_state-0000k-of-0000N.safetensors`` shards and their index); a recipe names that
@@ -8,6 +8,12 @@ time from the memory-mapped shards (docs/design.md section 10), re-pads the voca
 this run's tensor-parallel size (make_vocab_size_divisible_by x TP), keeps its TP slice of each,
 and the optimizer's fp32 masters are refreshed from the loaded weights. Optimizer moments start at zero. Resuming a checkpoint
 takes precedence: init_weights is used only when ``checkpoint.load`` finds nothing.
+
+``checkpoint.init_weights`` may also name one of our own checkpoints (a save directory with
+``latest``, or an ``iter_*`` directory), the usual start of a context extension: only its model
+weights are read, resharded to this run's layout by the DCP overlap load, and the iteration, the
+consumed samples, the learning-rate schedule and the optimizer state start afresh. The model may
+differ from the saved one only in ``seq_length`` and the ``rope_*`` settings (logged).
 """
 from __future__ import annotations
 
@@ -18,8 +24,17 @@ from torch import nn
 
 from megatron_aquila.checkpoint.full_state import load_full_state_dict, open_full_state
 from megatron_aquila.checkpoint.hf_mapping import ConversionError, check_same_model, resize_vocab
+from megatron_aquila.checkpoint.manager import (
+    LATEST_FILE,
+    CheckpointError,
+    check_model_change,
+    load_checkpoint_into,
+    read_dcp_metadata,
+    read_meta,
+    resolve_checkpoint,
+)
 from megatron_aquila.checkpoint.state import refresh_masters
-from megatron_aquila.config import ModelConfig
+from megatron_aquila.config import Config, ModelConfig
 from megatron_aquila.parallel.context import ParallelContext
 
 logger = logging.getLogger("megatron_aquila")
@@ -41,3 +56,39 @@ def initialize_from_full_state(path: str, config: ModelConfig, model_chunks: lis
     load_full_state_dict(model_chunks, full, ctx, config)
     refresh_masters(optimizer)
     logger.info(f"initialised weights from {path} (vocab padded to {padded} rows for tensor_parallel {ctx.tp_size})")
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether ``path`` is one of our checkpoints (a save directory or an ``iter_*`` directory)."""
+    directory = Path(path)
+    return (directory / LATEST_FILE).is_file() or (directory.name.startswith("iter_") and directory.is_dir())
+
+
+def initialize_from_checkpoint(path: str, config: Config, model_chunks: list[nn.Module], optimizer,
+                               ctx: ParallelContext) -> None:
+    """Read only the model weights of checkpoint ``path`` into this rank's chunks (module docstring)."""
+    resolved = resolve_checkpoint(path)
+    if resolved is None:
+        raise CheckpointError(f"checkpoint.init_weights {path} holds no checkpoint")
+    changed = check_model_change(resolved, read_meta(resolved), config)
+    saved_rows = read_dcp_metadata(resolved).state_dict_metadata["model.embedding.weight"].size[0]
+    padded = config.model.padded_vocab_size(ctx.tp_size)
+    if saved_rows != padded:
+        raise CheckpointError(
+            f"checkpoint.init_weights {resolved} has the vocabulary padded to {saved_rows} rows, this run pads "
+            f"{config.model.vocab_size} to {padded} (make_vocab_size_divisible_by "
+            f"{config.model.make_vocab_size_divisible_by} x tensor_parallel {ctx.tp_size}): choose "
+            "make_vocab_size_divisible_by so that both agree, or export with to-hf and start from that")
+    load_checkpoint_into(model_chunks, resolved, ctx)
+    refresh_masters(optimizer)
+    logger.info(f"initialised weights from checkpoint {resolved}; iteration, samples, lr schedule and optimizer "
+                f"start afresh" + (f"; model changes: {', '.join(changed)}" if changed else ""))
+
+
+def initialize_weights(path: str, config: Config, model_chunks: list[nn.Module], optimizer,
+                       ctx: ParallelContext) -> None:
+    """``checkpoint.init_weights``: one of our checkpoints or a full-state (from-hf) directory or file."""
+    if is_checkpoint(path):
+        initialize_from_checkpoint(path, config, model_chunks, optimizer, ctx)
+    else:
+        initialize_from_full_state(path, config.model, model_chunks, optimizer, ctx)

@@ -56,7 +56,7 @@ class CheckpointError(RuntimeError):
 
 def layout_of(config: Config, ctx: ParallelContext) -> dict[str, int]:
     """The saving layout recorded in meta.json (RNG states are restored only under the same one)."""
-    return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size,
+    return {"tp": ctx.tp_size, "cp": ctx.cp_size, "pp": ctx.pp_size, "dp": ctx.dp_size,
             "vpp": config.parallel.virtual_pipeline_stages, "world": ctx.world_size}
 
 
@@ -210,7 +210,7 @@ def load_checkpoint(config: Config, ctx: ParallelContext, parts: TrainerParts) -
         if step > 0:
             ckpt_state.allocate_adam_state(optimizer, step)
         values.update(ckpt_state.optimizer_state(optimizer, ctx, with_moments=step > 0))
-    same_layout = meta["layout"] == layout_of(config, ctx)
+    same_layout = {"cp": 1, **meta["layout"]} == layout_of(config, ctx)  # checkpoints before CP recorded none
     load_rng = not c.no_load_rng and same_layout
     if load_rng:
         values.update({key: torch.empty_like(v) for key, v in ckpt_state.rng_state(chunks, ctx.rank).items()})

@@ -1,7 +1,9 @@
 """Micro-batch streams for training and validation, from the recipe's data section.
 
-Every rank of a data-parallel replica (its TP and PP ranks) reads the same micro-batches from the
-memory-mapped dataset; the sampler slices each global step by data-parallel rank. The train
+Every rank of a data-parallel replica (its TP, CP and PP ranks) reads the same micro-batches from
+the memory-mapped dataset; the sampler slices each global step by data-parallel rank, and a
+context-parallel rank keeps its two chunks of every sample's tokens, labels, loss mask and
+position ids (``parallel/context_parallel.py``). The train
 stream restarts exactly at a consumed-samples count. Validation reads the same first
 ``eval_iters`` global batches of the valid split at every evaluation, so values are comparable.
 """
@@ -18,6 +20,7 @@ from megatron_aquila.data.blended_dataset import build_blended_gpt_datasets
 from megatron_aquila.data.gpt_dataset import GPTDatasetConfig
 from megatron_aquila.data.sampler import MicroBatchSampler, collate_samples
 from megatron_aquila.parallel.context import ParallelContext
+from megatron_aquila.parallel.context_parallel import split_batch
 
 StreamFactory = Callable[[int], Iterator[dict[str, torch.Tensor]]]
 
@@ -46,13 +49,15 @@ class MockGPTDataset(torch.utils.data.Dataset):
         }
 
 
-def _stream(dataset: torch.utils.data.Dataset, consumed: int, config: Config, ctx: ParallelContext,
-            num_workers: int) -> Iterator[dict[str, torch.Tensor]]:
+def micro_batch_stream(dataset: torch.utils.data.Dataset, consumed: int, config: Config, ctx: ParallelContext,
+                       num_workers: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of ``dataset`` from global sample ``consumed`` on (module docstring)."""
     sampler = MicroBatchSampler(len(dataset), consumed, config.training.micro_batch_size, ctx.dp_rank, ctx.dp_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
                                          num_workers=num_workers, pin_memory=ctx.device.type == "cuda",
                                          persistent_workers=False)
     for batch in loader:
+        batch = split_batch(batch, ctx.cp_rank, ctx.cp_size)  # [b, S] -> [b, S / cp] each
         yield {key: value.to(ctx.device, non_blocking=True) for key, value in batch.items()}
 
 
@@ -78,9 +83,9 @@ def build_streams(config: Config, ctx: ParallelContext, train_samples: int) -> t
     workers = config.data.num_workers
 
     def train_stream(consumed: int) -> Iterator[dict[str, torch.Tensor]]:
-        return _stream(train, consumed, config, ctx, workers)
+        return micro_batch_stream(train, consumed, config, ctx, workers)
 
     def valid_stream(consumed: int) -> Iterator[dict[str, torch.Tensor]]:
-        return _stream(valid, consumed, config, ctx, 0)
+        return micro_batch_stream(valid, consumed, config, ctx, 0)
 
     return train_stream, (valid_stream if valid is not None else None)

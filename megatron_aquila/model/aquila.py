@@ -35,6 +35,7 @@ from megatron_aquila.model.transformer import (
     scaled_init_std,
 )
 from megatron_aquila.parallel.context import ParallelContext
+from megatron_aquila.parallel.context_parallel import gather_positions, local_token_indices
 from megatron_aquila.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_aquila.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, full_shape
 from megatron_aquila.parallel.random import RNGStatesTracker
@@ -67,7 +68,7 @@ class AquilaModel(nn.Module):
                  recompute: str = "none", layer_ids: Sequence[int] | None = None, pre_process: bool = True,
                  post_process: bool = True, params_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, seed: int = 1234, kernels: KernelChoice | None = None,
-                 initialize: bool = True, pipeline_stage: int = 0):
+                 initialize: bool = True, pipeline_stage: int = 0, document_attention: bool = False):
         super().__init__()
         if recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute {recompute!r} must be one of {RECOMPUTE_MODES}")
@@ -80,15 +81,20 @@ class AquilaModel(nn.Module):
         self.tp_group = ctx.tp_group
         self.tp_size = ctx.tp_size
         self.sequence_parallel = sequence_parallel and ctx.tp_size > 1
-        if self.sequence_parallel and config.seq_length % ctx.tp_size != 0:
-            raise ValueError(f"seq_length {config.seq_length} is not divisible by tensor_parallel {ctx.tp_size} "
-                             "(sequence parallel)")
+        local_seq_length = config.seq_length // ctx.cp_size
+        if ctx.cp_size > 1 and config.seq_length % (2 * ctx.cp_size) != 0:
+            raise ValueError(f"seq_length {config.seq_length} is not divisible by 2 x context_parallel {ctx.cp_size}")
+        if self.sequence_parallel and local_seq_length % ctx.tp_size != 0:
+            raise ValueError(f"seq_length {config.seq_length} / context_parallel {ctx.cp_size} = {local_seq_length} "
+                             f"is not divisible by tensor_parallel {ctx.tp_size} (sequence parallel)")
         self.pre_process, self.post_process = pre_process, post_process
         self.padded_vocab_size = config.padded_vocab_size(ctx.tp_size)
         device = torch.device(device) if device is not None else ctx.device
-        self.kernels = kernels or choose_kernels(config.kernels, device, params_dtype)
+        self.document_attention = document_attention
+        self.kernels = kernels or choose_kernels(config.kernels, device, params_dtype, ctx.cp_size > 1,
+                                                 document_attention)
         self.rng = RNGStatesTracker(seed, ctx.tp_rank, pipeline_stage, device)
-        self.rotary = RotaryEmbedding(config)
+        self.rotary = RotaryEmbedding(config, ctx.cp_group if ctx.cp_size > 1 else None)
         norm_fn = build_rms_norm(self.kernels.norm)
         common = dict(sequence_parallel=self.sequence_parallel, params_dtype=params_dtype, device=device)
 
@@ -100,7 +106,7 @@ class AquilaModel(nn.Module):
                 attention_fn=build_attention(self.kernels.attention, config.num_attention_heads // ctx.tp_size,
                                              config.kv_heads // ctx.tp_size, config.head_dim,
                                              config.attention_dropout),
-                **common)
+                cp_group=ctx.cp_group, **common)
             for i in layer_ids
         })
         if post_process:
@@ -131,6 +137,20 @@ class AquilaModel(nn.Module):
                 full = full.narrow(param.partition_dim, self.ctx.tp_rank * local, local)
             param.copy_(full)
 
+    def _documents(self, position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query documents [b, s], key documents [b, S]) of packed sequences: a document starts
+        wherever the position id is 0 (data/sft_dataset.py); under context parallelism the keys are
+        the whole sequence's, from the CP group's position ids."""
+        if position_ids is None:
+            raise ValueError("per-document attention (data.sft) needs position_ids [b, s]: they mark the documents")
+        if self.ctx.cp_size == 1:
+            documents = (position_ids == 0).cumsum(dim=1)  # [b, s]
+            return documents, documents
+        full = gather_positions(position_ids, self.ctx.cp_group)  # [b, S]
+        key_documents = (full == 0).cumsum(dim=1)
+        local = local_token_indices(full.shape[1], self.ctx.cp_rank, self.ctx.cp_size).to(full.device)
+        return key_documents.index_select(1, local), key_documents
+
     def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_process:
@@ -145,8 +165,9 @@ class AquilaModel(nn.Module):
             x = hidden_states
             seq_len = x.shape[0] * (self.tp_size if self.sequence_parallel else 1)
         cos, sin = self.rotary(seq_len, position_ids, x.device)  # [s, 1|b, 1, d/2] fp32
+        segments = self._documents(position_ids) if self.document_attention else None
         for layer in self.layers.values():
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, segments)
         if not self.post_process:
             return x
         logits = self.output_layer(self.final_norm(x))  # [s, b, V/tp]

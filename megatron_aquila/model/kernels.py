@@ -5,8 +5,14 @@ importable) > torch ``scaled_dot_product_attention`` (everywhere; causal; GQA na
 RMSNorm: apex ``fused_rms_norm_affine`` (CUDA, importable) > transformer-engine ``RMSNorm``
 (CUDA, importable) > torch (``_TorchRMSNorm``: fp32 statistics, saves the input in its own dtype).
 
-Attention kernels share one signature: (q [s, b, n, d], k and v [s, b, g, d] (any strides with a
-unit last stride; n a multiple of g, query head i uses kv head i // (n/g)), training) -> [s, b, n*d].
+Attention kernels share one signature: (q [sq, b, n, d], k and v [sk, b, g, d] (any strides with a
+unit last stride; n a multiple of g, query head i uses kv head i // (n/g); sq <= sk), training,
+segments) -> [sq, b, n*d]. The causal mask is aligned to the bottom right: query row i sees keys
+j <= i + sk - sq (plain causal attention when sq == sk; the chunk-against-prefix attention of context
+parallelism, ``parallel/context_parallel.py``, when sq < sk). ``segments``, when given, is
+(query documents [b, sq], key documents [b, sk]) int64: query i also needs the same document as key j
+(packed SFT sequences, docs/design.md section 12). Only torch SDPA takes segments here (a boolean
+block-diagonal causal mask); ``choose_kernels`` keeps the others out when documents are masked.
 The dropout rate is fixed when a kernel is built; ``training`` (the calling module's flag) decides at
 every call whether it applies, so ``model.eval()`` switches attention dropout off on every backend.
 RMSNorm kernels: (x [..., h], weight [h], eps) -> [..., h] in x's dtype.
@@ -15,12 +21,13 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+Segments = Optional[tuple[torch.Tensor, torch.Tensor]]  # (query documents [b, sq], key documents [b, sk])
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, Segments], torch.Tensor]
 NormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
@@ -44,12 +51,17 @@ class KernelChoice:
         return f"attention kernel: {self.attention}; rmsnorm kernel: {self.norm}"
 
 
-def select_kernels(device: torch.device | str, dtype: torch.dtype) -> KernelChoice:
-    """The fastest available kernels for parameters of ``dtype`` on ``device``."""
+def select_kernels(device: torch.device | str, dtype: torch.dtype, context_parallel: bool = False,
+                   document_attention: bool = False) -> KernelChoice:
+    """The fastest available kernels for parameters of ``dtype`` on ``device``; under context
+    parallelism the attention kernel must take a bottom-right causal mask (not our TE wrapper), and
+    with per-document attention it must take a document mask (torch SDPA only, for now)."""
     cuda = torch.device(device).type == "cuda"
-    if cuda and dtype in (torch.float16, torch.bfloat16) and _importable("flash_attn"):
+    if document_attention:
+        attention = "torch-sdpa"
+    elif cuda and dtype in (torch.float16, torch.bfloat16) and _importable("flash_attn"):
         attention = "flash-attn"
-    elif cuda and _importable("transformer_engine"):
+    elif cuda and _importable("transformer_engine") and not context_parallel:
         attention = "transformer-engine"
     else:
         attention = "torch-sdpa"
@@ -73,16 +85,26 @@ _BACKEND_KERNELS = {
 }
 
 
-def choose_kernels(backend: str, device: torch.device | str, dtype: torch.dtype) -> KernelChoice:
+def choose_kernels(backend: str, device: torch.device | str, dtype: torch.dtype,
+                   context_parallel: bool = False, document_attention: bool = False) -> KernelChoice:
     """The one switch (``model.kernels``): ``auto`` picks the fastest available, a name forces it.
 
-    A forced GPU backend that cannot run here (no CUDA, package missing, flash-attn in fp32) is an
-    error rather than a silent fallback, so a cluster run never trains on the wrong kernels.
+    A forced GPU backend that cannot run here (no CUDA, package missing, flash-attn in fp32,
+    transformer-engine attention under context parallelism) is an error rather than a silent
+    fallback, so a cluster run never trains on the wrong kernels.
     """
     if backend not in KERNEL_BACKENDS:
         raise ValueError(f"model.kernels {backend!r} must be one of {KERNEL_BACKENDS}")
+    if backend == "transformer-engine" and context_parallel:
+        raise ValueError("model.kernels=transformer-engine: its attention wrapper here runs square causal attention "
+                         "only, and context parallelism needs a bottom-right causal mask; use auto (flash-attn or "
+                         "torch SDPA) or flash-attn with parallel.context_parallel > 1")
+    if document_attention and backend in ("flash-attn", "transformer-engine"):
+        raise ValueError(f"model.kernels={backend}: per-document attention (data.sft packed sequences) runs on the "
+                         "torch SDPA kernel here (a block-diagonal causal mask; the varlen/THD kernels are not wired "
+                         "in): use auto or torch")
     if backend == "auto":
-        return select_kernels(device, dtype)
+        return select_kernels(device, dtype, context_parallel, document_attention)
     if backend != "torch":
         module = _BACKEND_MODULES[backend]
         if torch.device(device).type != "cuda" or not _importable(module):
@@ -96,13 +118,23 @@ def choose_kernels(backend: str, device: torch.device | str, dtype: torch.dtype)
 
 
 def _torch_sdpa(dropout_p: float) -> AttentionFn:
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> torch.Tensor:
+    from torch.nn.attention.bias import causal_lower_right
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool,
+               segments: Segments = None) -> torch.Tensor:
         s, b, n, d = q.shape
         gqa = k.shape[2] != n
+        if segments is not None:  # causal (bottom-right) and the same document: [b, 1, sq, sk] boolean
+            causal = torch.ones(s, k.shape[0], dtype=torch.bool, device=q.device).tril(k.shape[0] - s)
+            same = segments[0][:, :, None] == segments[1][:, None, :]  # [b, sq, sk]
+            mask = dict(attn_mask=(same & causal).unsqueeze(1))
+        elif k.shape[0] == s:  # square: is_causal
+            mask = dict(is_causal=True)
+        else:  # queries of a suffix of the keys: the lower-right causal bias (fused on GPU, no mask tensor)
+            mask = dict(attn_mask=causal_lower_right(s, k.shape[0]))
         # [s, b, heads, d] -> [b, heads, s, d] as strided views; the output keeps q's memory order.
         out = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
-                                             dropout_p=dropout_p if training else 0.0, is_causal=True,
-                                             enable_gqa=gqa)
+                                             dropout_p=dropout_p if training else 0.0, enable_gqa=gqa, **mask)
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)  # [s, b, n*d]
     return attend
 
@@ -110,8 +142,11 @@ def _torch_sdpa(dropout_p: float) -> AttentionFn:
 def _flash_attn(dropout_p: float) -> AttentionFn:
     from flash_attn import flash_attn_func  # GPU only, imported when chosen
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> torch.Tensor:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool,
+               segments: Segments = None) -> torch.Tensor:
+        assert segments is None, "choose_kernels keeps flash-attn out of per-document attention"
         s, b, n, d = q.shape
+        # causal=True is aligned to the bottom right when sq < sk (flash-attn >= 2.1).
         out = flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                               dropout_p=dropout_p if training else 0.0, causal=True)  # [b, s, n, d], GQA native
         return out.transpose(0, 1).reshape(s, b, n * d)
@@ -126,7 +161,11 @@ def _transformer_engine(num_heads: int, num_kv_heads: int, head_dim: int, dropou
     core = te.DotProductAttention(num_heads, head_dim, num_gqa_groups=num_kv_heads, attention_dropout=dropout_p,
                                   qkv_format="sbhd", attn_mask_type="causal")
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> torch.Tensor:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool,
+               segments: Segments = None) -> torch.Tensor:
+        assert segments is None, "choose_kernels keeps transformer-engine out of per-document attention"
+        assert q.shape[0] == k.shape[0], (f"the transformer-engine kernel runs square causal attention only "
+                                          f"(sq {q.shape[0]} != sk {k.shape[0]}); choose_kernels refuses it under CP")
         core.train(training)
         return core(q, k, v)  # [s, b, n*d]
     return attend

@@ -41,6 +41,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 if TYPE_CHECKING:
     from megatron_aquila.config import ModelConfig
@@ -112,10 +113,15 @@ def rope_frequencies(config: ModelConfig, positions: int) -> tuple[torch.Tensor,
 
 class RotaryEmbedding:
     """cos/sin tables (times the attention factor m) of ``config``'s RoPE, fp32, cached per
-    (length, dynamic n, device); the maths is in the module docstring."""
+    (length, dynamic n, device); the maths is in the module docstring.
 
-    def __init__(self, config: ModelConfig):
+    ``cp_group``: under context parallelism each rank sees only its chunks' position ids, so dynamic
+    NTK's n is their maximum over the CP group (one all-reduce MAX per forward, dynamic only).
+    """
+
+    def __init__(self, config: ModelConfig, cp_group: "dist.ProcessGroup | None" = None):
         self.config = config
+        self.cp_group = cp_group
         self.max_positions = config.seq_length
         self._cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -124,7 +130,13 @@ class RotaryEmbedding:
         0 for the other types, whose tables do not depend on it."""
         if self.config.rope_scaling != "dynamic":
             return 0
-        positions = seq_len if position_ids is None else int(position_ids.max()) + 1
+        if position_ids is None:
+            positions = seq_len
+        else:
+            largest = position_ids.max().reshape(1)
+            if self.cp_group is not None:
+                dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.cp_group)
+            positions = int(largest.item()) + 1
         return max(positions, self.config.rope_original_max_positions)
 
     def _tables(self, length: int, scaled_positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 Activations are [s, b, h] (sequence first, Megatron's layout; [s/tp, b, h] between blocks under
 sequence parallelism). Tensor parallelism splits heads (whole kv groups per rank) and the FFN width.
+Under context parallelism s is this rank's two chunks of the sequence (S/cp tokens) and attention
+gathers K/V over the CP group (``parallel/context_parallel.py``); every other op is per token.
 
 Activation recompute (``recompute``): "selective" checkpoints only the attention core
 (softmax(QK^T)V), "full" the whole block; both use ``torch.utils.checkpoint`` (non-reentrant),
@@ -20,9 +22,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_aquila.config import ModelConfig
-from megatron_aquila.model.kernels import AttentionFn, NormFn
+from megatron_aquila.model.kernels import AttentionFn, NormFn, Segments
 from megatron_aquila.model.rope import apply_rotary
 from megatron_aquila.parallel.context import ProcessGroup, group_size
+from megatron_aquila.parallel.context_parallel import context_parallel_attention
 from megatron_aquila.parallel.layers import ColumnParallelLinear, RowParallelLinear, set_tensor_parallel_attributes
 from megatron_aquila.parallel.random import DATA_PARALLEL, MODEL_PARALLEL, RNGStatesTracker
 
@@ -88,8 +91,9 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig, tp_group: ProcessGroup, attention_fn: AttentionFn,
                  rng: RNGStatesTracker, *, sequence_parallel: bool, selective_recompute: bool,
-                 params_dtype: torch.dtype, device: torch.device | str | None):
+                 params_dtype: torch.dtype, device: torch.device | str | None, cp_group: ProcessGroup = None):
         super().__init__()
+        self.cp_group = cp_group if group_size(cp_group) > 1 else None
         tp = group_size(tp_group)
         n, g, d = config.num_attention_heads, config.kv_heads, config.head_dim
         if n % g != 0 or g % tp != 0:
@@ -107,12 +111,19 @@ class Attention(nn.Module):
         self.dense = RowParallelLinear(n * d, config.hidden_size, tp_group,
                                        sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        fork = self.rng.fork(MODEL_PARALLEL) if self.dropout > 0 and self.training else contextlib.nullcontext()
-        with fork:
-            return self.core(q, k, v, self.training)  # [s, b, n/tp * d]
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
+        return self.core(q, k, v, self.training, segments)  # [sq, b, n/tp * d]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              query_documents: torch.Tensor | None, key_documents: torch.Tensor | None) -> torch.Tensor:
+        fork = self.rng.fork(MODEL_PARALLEL) if self.dropout > 0 and self.training else contextlib.nullcontext()
+        segments = None if query_documents is None else (query_documents, key_documents)
+        with fork:
+            if self.cp_group is not None:
+                return context_parallel_attention(self._attend, q, k, v, self.cp_group, segments)  # [s, b, n/tp*d]
+            return self._attend(q, k, v, segments)  # [s, b, n/tp * d]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments = None) -> torch.Tensor:
         qkv = self.qkv(x)  # [s, b, (n + 2g)/tp * d]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_kv_heads, self.heads_per_group + 2, self.head_dim)
@@ -121,10 +132,11 @@ class Attention(nn.Module):
         k = apply_rotary(qkv[:, :, :, self.heads_per_group], cos, sin, self.interleaved)  # [s, b, g/tp, d]
         # A copy: attention saves v, and a strided view would keep the whole fused QKV output alive.
         v = qkv[:, :, :, self.heads_per_group + 1].contiguous()  # [s, b, g/tp, d]
+        documents = (None, None) if segments is None else segments  # [b, s] query, [b, S] key documents
         if self.selective_recompute and torch.is_grad_enabled():
-            context = _checkpoint(self._core, self.rng, q, k, v)
+            context = _checkpoint(self._core, self.rng, q, k, v, *documents)
         else:
-            context = self._core(q, k, v)
+            context = self._core(q, k, v, *documents)
         return self.dense(context)  # [s, b, h] ([s/tp, b, h] under SP)
 
 
@@ -182,7 +194,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, tp_group: ProcessGroup, rng: RNGStatesTracker, *,
                  attention_fn: AttentionFn, norm_fn: NormFn, sequence_parallel: bool = False,
                  recompute: str = "none", params_dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, cp_group: ProcessGroup = None):
         super().__init__()
         if recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute {recompute!r} must be one of {RECOMPUTE_MODES}")
@@ -195,21 +207,25 @@ class TransformerBlock(nn.Module):
         linear = dict(sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
         self.input_norm = RMSNorm(config.hidden_size, config.norm_eps, norm_fn, **norm)
         self.attention = Attention(config, tp_group, attention_fn, rng, selective_recompute=recompute == "selective",
-                                   **linear)
+                                   cp_group=cp_group, **linear)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.norm_eps, norm_fn, **norm)
         self.mlp = MLP(config, tp_group, **linear)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return hidden_dropout(x, self.hidden_dropout, self.training, self.rng, self.sequence_parallel)
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self._dropout(self.attention(self.input_norm(x), cos, sin))  # [s, b, h]
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 query_documents: torch.Tensor | None, key_documents: torch.Tensor | None) -> torch.Tensor:
+        segments = None if query_documents is None else (query_documents, key_documents)
+        x = x + self._dropout(self.attention(self.input_norm(x), cos, sin, segments))  # [s, b, h]
         return x + self._dropout(self.mlp(self.post_attention_norm(x)))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments = None) -> torch.Tensor:
+        """``segments``: (query documents [b, s], key documents [b, S]) for per-document attention, or None."""
+        documents = (None, None) if segments is None else segments
         if self.full_recompute and torch.is_grad_enabled():
-            return _checkpoint(self._forward, self.rng, x, cos, sin)
-        return self._forward(x, cos, sin)
+            return _checkpoint(self._forward, self.rng, x, cos, sin, *documents)
+        return self._forward(x, cos, sin, *documents)
 
 
 def scaled_init_std(init_std: float, num_layers: int) -> float:

@@ -1,5 +1,7 @@
 """ZeRO-1 distributed optimizer: fp32 masters and Adam state sharded over data parallel.
 
+The shards span every rank holding the same weights, DP x CP (``ctx.dp_cp_group``, as Megatron's
+distributed optimizer with context parallelism); d below is that group's size.
 Each grad-buffer bucket ``B`` (padded so d | |B| for DP size d) is split into d contiguous shards
 ``B = [B_0, ..., B_{d-1}]``; DP rank r owns ``B_r``. After the buffer's reduce-scatter, rank r
 holds the DP-averaged grads of its shard, keeps fp32 masters and Adam moments for exactly the
@@ -46,8 +48,8 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
 
     def _publish(self) -> None:
         """All-gather the updated shards of every bucket and copy them into the parameters."""
-        dp_group = self.ctx.dp_group
-        dp_size = self.ctx.dp_size
+        dp_group = self.ctx.dp_cp_group   # ZeRO-1 shards over every rank holding the same weights (DP x CP)
+        dp_size = self.ctx.dp_cp_size
         if dp_size == 1:
             for piece in self.pieces:
                 piece.param.data.view(-1)[piece.lo:piece.hi].copy_(piece.master)

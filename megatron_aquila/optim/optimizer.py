@@ -195,7 +195,8 @@ class MixedPrecisionOptimizer:
             if "step" in adam:
                 entry["step"] = float(adam["step"])
             params[piece.chunk][piece.name] = entry
-        return {"format": STATE_FORMAT, "kind": self.kind, "dp_rank": self.ctx.dp_rank, "dp_size": self.ctx.dp_size,
+        return {"format": STATE_FORMAT, "kind": self.kind, "dp_rank": self.ctx.dp_cp_rank,
+                "dp_size": self.ctx.dp_cp_size,
                 "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict(),
                 "params": params}
 
@@ -219,7 +220,7 @@ class MixedPrecisionOptimizer:
                     f"optimizer state of {piece.name!r} covers range {tuple(entry['range'])} of shape "
                     f"{tuple(entry['shape'])}, this rank needs {(piece.lo, piece.hi)} of {tuple(piece.param.shape)}; "
                     f"it was saved with another data-parallel layout (saved dp {state['dp_rank']}/"
-                    f"{state['dp_size']}, now {self.ctx.dp_rank}/{self.ctx.dp_size})")
+                    f"{state['dp_size']}, now {self.ctx.dp_cp_rank}/{self.ctx.dp_cp_size})")
             with torch.no_grad():
                 piece.master.copy_(entry["master"].view_as(piece.master))
             if "exp_avg" in entry:

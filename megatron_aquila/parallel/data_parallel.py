@@ -1,4 +1,4 @@
-"""Data-parallel gradient buffer: fp32 grad accumulation, buckets, overlapped reduce over DP.
+"""Data-parallel gradient buffer: fp32 grad accumulation, buckets, overlapped reduce over DP (x CP).
 
 Every trainable parameter ``p`` of a model chunk gets ``p.main_grad``, an fp32 view into one
 contiguous buffer. A post-accumulate-grad hook adds ``p.grad`` into ``p.main_grad`` (in fp32,
@@ -9,7 +9,9 @@ whatever the model dtype) and frees ``p.grad``, so over ``m`` micro-batches
 The buffer is laid out in reverse parameter order (the order backward produces grads) and cut
 into buckets of about ``bucket_size_mb`` MB. On the final micro-batch (outside ``no_sync()``)
 a bucket's collective is launched asynchronously as soon as all its parameters have their grad,
-overlapping the rest of backward. With DP size ``d`` and rank ``r`` the buffer ``g_r``:
+overlapping the rest of backward. The reduce runs over every rank holding the same weights: the
+DP x CP group (``ctx.dp_cp_group``; plain DP without context parallelism, docs/design.md section
+3.10). With that group's size ``d`` and rank ``r`` the buffer ``g_r``:
 
 - plain optimizer, all-reduce:       g_r <- (1/d) * sum_{k=0..d-1} g_k      (on every rank)
 - distributed optimizer, reduce-scatter: each bucket ``B`` (padded so that d | |B|) is split
@@ -68,12 +70,12 @@ class DataParallelGradBuffer:
 
     Args:
         module: the model chunk; its ``requires_grad`` parameters get ``main_grad``.
-        ctx: parallel context (``dp_group`` for the reduce, ``tp_group`` for sequence-parallel grads).
+        ctx: parallel context (``dp_cp_group`` for the reduce, ``tp_group`` for sequence-parallel grads).
         bucket_size_mb: target bucket size in MB of fp32 grads (a bucket closes once it reaches it).
         overlap_grad_reduce: launch each bucket's collective during backward; if False every
             bucket is reduced in ``finish_grad_sync``.
         distributed_optimizer: reduce-scatter instead of all-reduce, and pad buckets to a multiple
-            of the DP size.
+            of the DP x CP size.
     """
 
     def __init__(self, module: nn.Module, ctx: ParallelContext, bucket_size_mb: float = 40.0,
@@ -83,7 +85,7 @@ class DataParallelGradBuffer:
         self.module, self.ctx = module, ctx
         self.overlap_grad_reduce = overlap_grad_reduce
         self.distributed_optimizer = distributed_optimizer
-        self.dp_size, self.dp_rank = ctx.dp_size, ctx.dp_rank
+        self.dp_size, self.dp_rank = ctx.dp_cp_size, ctx.dp_cp_rank  # the grad-averaging group (DP x CP)
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError(f"{type(module).__name__} has no trainable parameters: nothing to put in a grad buffer")
@@ -151,9 +153,9 @@ class DataParallelGradBuffer:
             start, end = bucket.shard_range(self.dp_rank, self.dp_size)
             shard = self.buffer[start:end]   # [bucket / d]
             bucket.handle = reduce_scatter_single(shard, bucket.data, op=dist.ReduceOp.SUM,
-                                                       group=self.ctx.dp_group, async_op=True)
+                                                       group=self.ctx.dp_cp_group, async_op=True)
         else:
-            bucket.handle = dist.all_reduce(bucket.data, op=dist.ReduceOp.SUM, group=self.ctx.dp_group,
+            bucket.handle = dist.all_reduce(bucket.data, op=dist.ReduceOp.SUM, group=self.ctx.dp_cp_group,
                                             async_op=True)
 
     @contextlib.contextmanager

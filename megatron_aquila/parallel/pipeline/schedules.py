@@ -22,6 +22,16 @@ ranks (``parallel/data_parallel.py``: g <- (1/d) sum_r g_r):
   DP and rescales them by 1/N afterwards; that would need N on every stage and a rescale of the
   grad buffers outside the schedule, and un-normalised sums overflow fp16 sooner.)
 
+Context parallelism (``cp`` ranks each holding S / cp tokens of every sample,
+``parallel/context_parallel.py``): a micro-batch's pair is the sum of its CP ranks' local pairs,
+so the reported [S_j, n_j] is all-reduced over the CP group (two floats per micro-batch, on the
+last stage). The weights are replicated over DP x CP and the grad reduction averages over those
+``d cp`` ranks, while the total loss is the sum of what the CP ranks back-propagate (the K/V
+all-gather's backward routes each rank's share to the others). So rank r back-propagates its local
+sum S_{r,j}^local times cp / n_j (per_microbatch; n_j the micro-batch's CP-summed count) or times
+d cp / N (per_token; N summed over DP x CP): the factor cp cancels the CP part of the average and
+the gradient is that of the same loss as without context parallelism.
+
 The trainer reduces the pairs to the reported loss the same way (``Trainer._reduce_loss``); see
 docs/design.md section 3.4.
 
@@ -73,7 +83,7 @@ class ScheduleSpec:
     ctx: ParallelContext
     num_microbatches: int
     micro_batch_size: int
-    seq_length: int
+    seq_length: int               # this rank's tokens per sample: model.seq_length / context_parallel
     hidden_size: int
     sequence_parallel: bool
     activation_dtype: torch.dtype
@@ -91,15 +101,15 @@ def loss_terms(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[t
 
 
 def global_loss_tokens(batches: list[Microbatch], ctx: ParallelContext) -> float:
-    """N = sum over DP ranks and the given micro-batches of the loss-mask sums (at least 1).
+    """N = sum over DP x CP ranks and the given micro-batches of the loss-mask sums (at least 1).
 
-    All-reduce SUM over ``ctx.dp_group`` on ``ctx.device``, in float64 so that counts stay exact
+    All-reduce SUM over ``ctx.dp_cp_group`` on ``ctx.device``, in float64 so that counts stay exact
     beyond 2^24 tokens per iteration.
     """
     local = torch.stack([batch["loss_mask"].sum(dtype=torch.float64) for batch in batches]).sum()
     local = local.to(ctx.device).reshape(1)
-    if group_size(ctx.dp_group) > 1:
-        dist.all_reduce(local, group=ctx.dp_group)
+    if ctx.dp_cp_size > 1:
+        dist.all_reduce(local, group=ctx.dp_cp_group)
     return max(float(local.item()), 1.0)
 
 
@@ -111,18 +121,22 @@ class _Objective:
             raise ValueError(f"loss_average {spec.loss_average!r} must be one of {', '.join(LOSS_AVERAGES)} "
                              "(training.loss_average)")
         self.spec = spec
-        self.per_token_factor: Optional[float] = None  # K x d / N (per_token training on the loss stage)
+        self.per_token_factor: Optional[float] = None  # K x d cp / N (per_token training on the loss stage)
         if spec.loss_average == "per_token" and holds_loss and not spec.forward_only:
             batches = [feed.get(index) for index in range(spec.num_microbatches)]
-            self.per_token_factor = spec.loss_scale * spec.ctx.dp_size / global_loss_tokens(batches, spec.ctx)
+            self.per_token_factor = spec.loss_scale * spec.ctx.dp_cp_size / global_loss_tokens(batches, spec.ctx)
 
     def __call__(self, per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to back-propagate, detached [S, n] fp32 [2]) of one micro-batch."""
         loss_sum, count = loss_terms(per_token_loss, loss_mask)
         reported = torch.stack([loss_sum.detach(), count]).float()
+        ctx = self.spec.ctx
+        if ctx.cp_size > 1:  # the micro-batch's [S, n] over all its CP ranks (module docstring)
+            dist.all_reduce(reported, group=ctx.cp_group)
+            count = reported[1]
         if self.per_token_factor is not None:
             return loss_sum * self.per_token_factor, reported
-        mean = loss_sum / count.clamp(min=1.0)
+        mean = loss_sum * ctx.cp_size / count.clamp(min=1.0)
         return mean * (self.spec.loss_scale / self.spec.num_microbatches), reported
 
 
