@@ -28,7 +28,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "transformers>=4.40", "tensorboard>=2.14", "wandb>=0.16",
+        "test": ["pytest>=7", "pytest-timeout>=2", "transformers>=4.40", "peft>=0.21", "tensorboard>=2.14", "wandb>=0.16",
                  "megatron-core==0.16.1"],  # Megatron-LM itself, to prove format and sample-stream compatibility
         "gpu": ["transformer-engine[pytorch]>=1.8", "flash-attn>=2.5"],
         "wandb": ["wandb>=0.16"],

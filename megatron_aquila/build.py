@@ -14,6 +14,7 @@ from megatron_aquila.data.loader import build_streams
 from megatron_aquila.metrics import MetricsWriter
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.model.flops import flops_per_iteration
+from megatron_aquila.model.lora import LoraSettings, apply_lora
 from megatron_aquila.optim.build import build_optimizer
 from megatron_aquila.optim.lr_schedule import LRScheduler
 from megatron_aquila.parallel.context import ParallelContext
@@ -41,6 +42,7 @@ def build_model_chunks(config: Config, ctx: ParallelContext, device: Optional[to
             post_process=chunk_has_head(ctx.pp_rank, chunk, ctx.pp_size, vpp),
             params_dtype=config.precision.torch_dtype, device=device or ctx.device, seed=config.training.seed,
             pipeline_stage=chunk * ctx.pp_size + ctx.pp_rank, initialize=initialize,
+            document_attention=config.data.sft,
         )
         for chunk in range(vpp)
     ]
@@ -49,8 +51,12 @@ def build_model_chunks(config: Config, ctx: ParallelContext, device: Optional[to
 def build_trainer_parts(config: Config, ctx: ParallelContext) -> tuple[TrainerParts, TrainingState]:
     p, t = config.parallel, config.training
     torch.manual_seed(t.seed)
+    lora = config.finetune.lora
     overwritten = will_resume(config) or config.checkpoint.init_weights is not None
     chunks = build_model_chunks(config, ctx, initialize=not overwritten)
+    if lora is not None:  # before the grad buffers: only the adapters train (model/lora.py)
+        for chunk in chunks:
+            apply_lora(chunk, LoraSettings.from_config(lora), t.seed)
     local_params = sum(param.numel() for chunk in chunks for param in chunk.parameters())
     logger.info(f"{ctx.describe()} | {local_params:,} parameters on this rank | {chunks[0].kernel_description()}")
     buffers = [DataParallelGradBuffer(chunk, ctx, p.grad_bucket_size_mb, p.overlap_grad_reduce, p.distributed_optimizer)
@@ -69,8 +75,10 @@ def build_trainer_parts(config: Config, ctx: ParallelContext) -> tuple[TrainerPa
         flops_per_sample=flops_per_iteration(config.model, 1, padded_vocab),
         peak_tflops=shared_peak_tflops(config, ctx),
     )
+    if lora is not None:  # the base weights, always: a LoRA checkpoint holds only the adapters
+        initialize_weights(config.checkpoint.init_weights, config, chunks, optimizer, ctx)
     state = load_checkpoint(config, ctx, parts) if config.checkpoint.load is not None else None
-    if state is None and config.checkpoint.init_weights is not None:
+    if state is None and lora is None and config.checkpoint.init_weights is not None:
         initialize_weights(config.checkpoint.init_weights, config, chunks, optimizer, ctx)
     return parts, state or TrainingState()
 

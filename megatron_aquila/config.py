@@ -120,7 +120,8 @@ class TrainingConfig:
     exit_duration_minutes: Optional[float] = None
     max_skipped_in_a_row: int = 10          # stop after this many consecutive skipped steps (inf/nan grads)
     loss_average: str = "per_microbatch"    # per_microbatch (mean of micro-batch means) | per_token (Megatron's
-                                            # calculate_per_token_loss: token-loss sum / loss-token count)
+                                            # calculate_per_token_loss: token-loss sum / loss-token count);
+                                            # per_token is the default when data.sft is true
 
 
 @dataclass
@@ -166,6 +167,8 @@ class DataConfig:
     cache_dir: Optional[str] = None         # index cache; default: beside the first data prefix
     num_workers: int = 1
     mock: bool = False                      # random tokens instead of data_path (benchmarks, planning)
+    sft: bool = False                       # data_path names preprocess_data.py --sft prefixes: packed
+                                            # conversations, per-document attention (docs/design.md section 12)
 
 
 @dataclass
@@ -195,6 +198,26 @@ class LoggingConfig:
     output_dir: Optional[str] = None        # resolved config and logs; default: checkpoint.save
 
 
+LORA_TARGET_NAMES = ("qkv", "q", "k", "v", "dense", "o", "gate_up", "gate", "up", "down")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the decoder's linear layers (model/lora.py): W x + (alpha / rank) B A x, base weights frozen."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0                    # on the LoRA branch input, in training
+    targets: list[str] = field(default_factory=lambda: ["qkv", "dense", "gate_up", "down"])  # of LORA_TARGET_NAMES
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning options; with ``lora`` unset every parameter trains (full fine-tuning)."""
+
+    lora: Optional[LoraConfig] = None
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -205,6 +228,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -243,6 +267,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     if annotation is Any:
         return value
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {annotation.__name__} keys, got {value!r}")
+        return _section_from_dict(annotation, value, where)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):
@@ -281,7 +309,8 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Build a Config from nested mappings; model.preset fills the model fields not given."""
+    """Build a Config from nested mappings; model.preset fills the model fields not given, and
+    ``training.loss_average`` defaults to per_token for SFT (``data.sft``) when not given."""
     section_types = {f.name: get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
     unknown = sorted(set(tree) - set(section_types))
     if unknown:
@@ -296,6 +325,8 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
             if preset not in MODEL_PRESETS:
                 raise ConfigError(f"model.preset {preset!r} is unknown; choose one of {sorted(MODEL_PRESETS)}")
             values = {**MODEL_PRESETS[preset], **values}
+        if name == "training" and "loss_average" not in values and (tree.get("data") or {}).get("sft") is True:
+            values["loss_average"] = "per_token"  # every loss token of the global batch weighs the same
         sections[name] = _section_from_dict(cls, values, name)
     return Config(**sections)
 
@@ -449,6 +480,22 @@ def validate_config(config: Config, world_size: int) -> None:
     _require(pr.dtype in ("fp32", "bf16", "fp16"), f"precision.dtype {pr.dtype!r} must be fp32, bf16 or fp16")
     _require(config.data.mock or bool(config.data.data_path),
              "data.data_path is empty: give dataset prefixes (or data.mock=true for random tokens)")
+    lora = config.finetune.lora
+    if lora is not None:
+        _require(lora.rank >= 1 and lora.alpha > 0 and 0.0 <= lora.dropout < 1.0,
+                 f"finetune.lora rank {lora.rank} must be >= 1, alpha {lora.alpha} > 0 and dropout {lora.dropout} "
+                 "in [0, 1) (rank 8-64 with alpha 2 x rank is usual)")
+        unknown = [name for name in lora.targets if name not in LORA_TARGET_NAMES]
+        _require(bool(lora.targets) and not unknown,
+                 f"finetune.lora.targets {lora.targets} must be a non-empty list of {', '.join(LORA_TARGET_NAMES)}")
+        _require(config.checkpoint.init_weights is not None,
+                 "finetune.lora trains adapters on a base model: set checkpoint.init_weights to its weights (a "
+                 "from-hf directory or one of our checkpoints); LoRA checkpoints refer to it instead of copying it")
+    if config.data.sft:
+        _require(not config.data.mock, "data.sft and data.mock are exclusive: SFT reads preprocessed conversations")
+        _require(all(isinstance(entry, str) for entry in config.data.data_path),
+                 f"data.sft takes a list of preprocess_data.py --sft output prefixes without blend weights, got "
+                 f"{config.data.data_path}")
     _require(config.logging.log_interval >= 1, f"logging.log_interval {config.logging.log_interval} must be >= 1")
     if config.checkpoint.save_interval is not None:
         _require(config.checkpoint.save is not None, "checkpoint.save_interval is set but checkpoint.save is not")

@@ -62,6 +62,7 @@ import torch
 from megatron_aquila.config import Config, ConfigError, load_config
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.model.flops import flops_per_iteration, num_parameters
+from megatron_aquila.model.lora import LORA_PARAMETERS, LoraSettings, apply_lora
 from megatron_aquila.model.kernels import KernelChoice
 from megatron_aquila.parallel.context import DescribedGroup, ParallelContext, ProcessGroup
 from megatron_aquila.parallel.pipeline.partition import chunk_has_embedding, chunk_has_head, chunk_layer_ids
@@ -113,9 +114,15 @@ class RankParameters:
     tp_rank: int
     pp_rank: int
     chunk_layer_ids: list[list[int]]
-    total: int       # parameters on this rank
+    total: int       # base-model parameters on this rank
     sharded: int     # of which shards of TP-split tensors
     replicated: int  # of which replicated over TP (RMSNorm weights)
+    adapters: int = 0  # LoRA A and B on this rank (finetune.lora), on top of ``total``
+
+    @property
+    def trainable(self) -> int:
+        """Parameters with grads and optimizer state: the adapters under LoRA, else all of them."""
+        return self.adapters if self.adapters else self.total
 
 
 def _planning_context(config: Config, world_size: int, tp_rank: int, pp_rank: int,
@@ -136,7 +143,7 @@ def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
         tp_group = DescribedGroup(p.tensor_parallel, tp_rank) if p.tensor_parallel > 1 else None
         for pp_rank in range(p.pipeline_parallel):
             ctx = _planning_context(config, world_size, tp_rank, pp_rank, tp_group)
-            layer_ids, sharded, replicated = [], 0, 0
+            layer_ids, sharded, replicated, adapters = [], 0, 0, 0
             for chunk in range(p.virtual_pipeline_stages):
                 ids = chunk_layer_ids(m.num_layers, p.pipeline_parallel, p.virtual_pipeline_stages, pp_rank,
                                       chunk, p.pipeline_layers)
@@ -146,13 +153,18 @@ def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
                     post_process=chunk_has_head(pp_rank, chunk, p.pipeline_parallel, p.virtual_pipeline_stages),
                     params_dtype=dtype, device="meta", seed=config.training.seed,
                     kernels=KernelChoice(attention="torch-sdpa", norm="torch"))  # no effect on parameters
+                if config.finetune.lora is not None:
+                    apply_lora(model, LoraSettings.from_config(config.finetune.lora), config.training.seed)
                 layer_ids.append(ids)
-                for param in model.parameters():
-                    if getattr(param, "tensor_model_parallel", False):
+                for name, param in model.named_parameters():
+                    if name.rsplit(".", 1)[-1] in LORA_PARAMETERS:
+                        adapters += param.numel()
+                    elif getattr(param, "tensor_model_parallel", False):
                         sharded += param.numel()
                     else:
                         replicated += param.numel()
-            ranks.append(RankParameters(tp_rank, pp_rank, layer_ids, sharded + replicated, sharded, replicated))
+            ranks.append(RankParameters(tp_rank, pp_rank, layer_ids, sharded + replicated, sharded, replicated,
+                                        adapters))
     return ranks
 
 
@@ -284,10 +296,11 @@ def rank_memory(config: Config, world_size: int, rank: RankParameters, shape: Ac
         activations += activation_bytes_per_layer(shape, recompute="none")
     if rank.pp_rank == p.pipeline_parallel - 1:
         activations += head_activation_bytes(shape)
+    trainable = rank.trainable  # frozen LoRA base weights have no grads and no optimizer state
     return RankMemory(
-        pp_rank=rank.pp_rank, parameters=n, weights=n * MODEL_DTYPE_BYTES[dtype], grads=n * 4.0,
-        optimizer_replicated=n * float(replicated_per_param),
-        optimizer_sharded=math.ceil(n / dp) * float(sharded_per_param),
+        pp_rank=rank.pp_rank, parameters=n, weights=(n + rank.adapters) * MODEL_DTYPE_BYTES[dtype],
+        grads=trainable * 4.0, optimizer_replicated=trainable * float(replicated_per_param),
+        optimizer_sharded=math.ceil(trainable / dp) * float(sharded_per_param),
         activations=activations, in_flight=in_flight)
 
 
@@ -336,6 +349,10 @@ def plan(config: Config, nodes: int, gpus_per_node: int, gpu: GpuSpec, mfu: floa
     out.append(f"total parameters: {num_parameters(m):,} (vocab {m.vocab_size}); {analytic_padded:,} with the "
                f"vocab padded to {padded_vocab}")
 
+    if config.finetune.lora is not None:
+        lora = config.finetune.lora
+        out.append(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {max(r.adapters for r in ranks):,} adapter "
+                   "parameters on the largest rank train (grads, optimizer state); the base weights are frozen")
     memories = [rank_memory(config, world, r, shape) for r in ranks if r.tp_rank == 0]
     out.append(f"memory per GPU (largest TP rank of each PP rank; weights {config.precision.dtype}, fp32 grad buffer, "
                f"fp32 master + Adam m,v):")

@@ -9,6 +9,12 @@
     python tools/convert_checkpoint.py to-hf --config examples/tiny/tiny.yaml \\
         --weights converted/ --output hf/tiny
 
+    # a LoRA checkpoint (adapters + a reference to its base weights) -> HF with the adapters merged,
+    # or -> a PEFT adapter (adapter_config.json + adapter_model.safetensors) for the base HF model
+    python tools/convert_checkpoint.py to-hf --checkpoint runs/sft_lora/checkpoints --merge-lora --output hf/chat
+    python tools/convert_checkpoint.py to-peft --checkpoint runs/sft_lora/checkpoints --output hf/adapter \
+        [--base-model BAAI/AquilaChat2-7B] [--dtype fp32]
+
     # HF -> ours, vocabulary padded for the target tensor-parallel size
     python tools/convert_checkpoint.py from-hf --hf-dir hf/tiny --output converted/ --tensor-parallel 2 \\
         [--max-shard-size 5GB]
@@ -63,8 +69,16 @@ from megatron_aquila.checkpoint.hf_mapping import (  # noqa: E402
     model_config_from_hf,
     token_ids_from_tokenizer,
 )
+from megatron_aquila.checkpoint.init_weights import is_checkpoint  # noqa: E402
 from megatron_aquila.checkpoint.manager import CheckpointError, read_full_state  # noqa: E402
-from megatron_aquila.config import ConfigError, ModelConfig, config_from_dict, load_config  # noqa: E402
+from megatron_aquila.config import Config, ConfigError, ModelConfig, config_from_dict, load_config  # noqa: E402
+from megatron_aquila.model.lora import (  # noqa: E402
+    LoraSettings,
+    MergedLoraWeights,
+    peft_adapter_config,
+    peft_adapter_tensors,
+    write_peft_adapter,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "special_tokens.txt",
                    "added_tokens.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -217,6 +231,24 @@ def import_hf(hf_dir: str | Path, output: str | Path, tensor_parallel: int, *,
     return output
 
 
+def lora_run_config(meta: Mapping, checkpoint: str) -> Config:
+    """The resolved config of a LoRA checkpoint (its ``finetune.lora`` gives rank, alpha and targets)."""
+    run = config_from_dict(yaml.safe_load(meta["config_yaml"]))
+    if run.finetune.lora is None or not meta.get("base_weights"):
+        raise ConversionError(f"{checkpoint} is not a LoRA checkpoint (its run had no finetune.lora): export it with "
+                              "to-hf without --merge-lora")
+    return run
+
+
+def open_base_weights(path: str) -> Mapping[str, torch.Tensor]:
+    """The base weights a LoRA run started from (its ``checkpoint.init_weights``), read lazily: one of
+    our checkpoints or a from-hf full-state directory."""
+    if not Path(path).exists():
+        raise ConversionError(f"the LoRA checkpoint's base weights {path} (its checkpoint.init_weights) do not exist: "
+                              "run the conversion where that path is readable")
+    return read_full_state(path)[0] if is_checkpoint(path) else open_full_state(path)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -232,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="aquila needs BAAI's remote code to load (see hf_mapping.py)")
     to_hf.add_argument("--dtype", choices=sorted(HF_DTYPES), default="bf16")
     to_hf.add_argument("--max-shard-size", default="5GB")
+    to_hf.add_argument("--merge-lora", action="store_true",
+                       help="a LoRA checkpoint: merge W + (alpha/r) B A into its base weights (checkpoint.init_weights)")
+    to_peft = commands.add_parser("to-peft", help="LoRA checkpoint -> PEFT adapter directory")
+    to_peft.add_argument("--checkpoint", required=True, help="LoRA training checkpoint: save or iter_* directory")
+    to_peft.add_argument("--output", required=True, help="new directory to create")
+    to_peft.add_argument("--base-model", help="adapter_config.json base_model_name_or_path (default: the base weights)")
+    to_peft.add_argument("--dtype", choices=sorted(HF_DTYPES), default="fp32")
     from_hf = commands.add_parser("from-hf", help="Hugging Face directory -> full-state weights")
     from_hf.add_argument("--hf-dir", required=True)
     from_hf.add_argument("--output", required=True,
@@ -242,10 +281,24 @@ def main(argv: list[str] | None = None) -> int:
     from_hf.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args(argv)
     try:
-        if args.command == "to-hf" and args.checkpoint:
+        if args.command == "to-peft":
+            lora, meta = read_full_state(args.checkpoint)
+            run = lora_run_config(meta, args.checkpoint)
+            settings = LoraSettings.from_config(run.finetune.lora)
+            tensors = peft_adapter_tensors(lora, run.model, settings, dtype=HF_DTYPES[args.dtype])
+            with _StagingDir(Path(args.output)) as tmp:
+                write_peft_adapter(tmp, tensors, peft_adapter_config(settings, args.base_model or meta["base_weights"]))
+        elif args.command == "to-hf" and args.checkpoint:
             full, meta = read_full_state(args.checkpoint)
-            config = (load_config(args.config) if args.config else config_from_dict(yaml.safe_load(meta["config_yaml"]))).model
-            export_hf(full, config, args.output, tokenizer_dir=args.tokenizer_dir, model_type=args.model_type,
+            run = load_config(args.config) if args.config else config_from_dict(yaml.safe_load(meta["config_yaml"]))
+            if args.merge_lora:
+                run = lora_run_config(meta, args.checkpoint)
+                full = MergedLoraWeights(open_base_weights(meta["base_weights"]), full, run.model,
+                                         LoraSettings.from_config(run.finetune.lora))
+            elif meta.get("base_weights"):
+                raise ConversionError(f"{args.checkpoint} holds LoRA adapters only: export it with --merge-lora, or "
+                                      "as a PEFT adapter with to-peft")
+            export_hf(full, run.model, args.output, tokenizer_dir=args.tokenizer_dir, model_type=args.model_type,
                       dtype=HF_DTYPES[args.dtype], max_shard_bytes=parse_size(args.max_shard_size))
         elif args.command == "to-hf":
             if not args.config:

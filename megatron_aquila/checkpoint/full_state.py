@@ -86,9 +86,12 @@ def load_full_state_dict(model_chunks: Iterable[nn.Module], full: Mapping[str, t
 
     Shapes must match the chunks' full shapes exactly (vocab padded for this TP size; re-pad with
     ``hf_mapping.resize_vocab``). With ``config``, names that belong to no parameter of that
-    model are an error too (a typo or another architecture), not silently ignored.
+    model are an error too (a typo or another architecture), not silently ignored. When some
+    parameters are frozen (LoRA applied), only those, the base weights, are read.
     """
     params = named_parameters(model_chunks)
+    frozen = {name: param for name, param in params.items() if not param.requires_grad}
+    params = frozen or params
     names = set(full)  # iterated, not probed with ``in``: a lazy mapping would read each tensor to answer
     if config is not None:
         padded = full_vocab_rows(tensor_shapes(full), config, "the full state dict")

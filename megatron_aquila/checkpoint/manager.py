@@ -199,7 +199,11 @@ def load_checkpoint(config: Config, ctx: ParallelContext, parts: TrainerParts) -
     if changed:
         logger.info(f"resuming {path} with a changed model section: {'; '.join(changed)}")
     chunks, optimizer = parts.model_chunks, parts.optimizer
-    values: dict[str, Any] = ckpt_state.model_state(chunks, ctx)
+    lora = config.finetune.lora is not None
+    if lora and meta.get("base_weights") != c.init_weights:
+        logger.warning(f"checkpoint {path} holds LoRA adapters trained on {meta.get('base_weights')}, this run's "
+                       f"checkpoint.init_weights is {c.init_weights}: the adapters are applied to the latter")
+    values: dict[str, Any] = ckpt_state.model_state(chunks, ctx, trainable_only=lora)
     load_optim = not c.no_load_optim
     if load_optim:
         if (meta["grad_scaler"] is None) != (optimizer.grad_scaler is None):
@@ -239,6 +243,8 @@ def load_checkpoint_into(model_chunks: Iterable[nn.Module], path: str | os.PathL
 
     ``path``: a save directory holding ``latest`` or one ``iter_*`` directory. Returns the
     checkpoint's ``meta.json`` (its ``config_yaml`` recreates the model config for HF export).
+    When some parameters are frozen (LoRA applied to the chunks), only those, the base weights,
+    are read; the adapters keep their initialisation.
     """
     resolved = resolve_checkpoint(path)
     if resolved is None:
@@ -246,7 +252,11 @@ def load_checkpoint_into(model_chunks: Iterable[nn.Module], path: str | os.PathL
     meta = read_meta(resolved)
     metadata = read_dcp_metadata(resolved)
     check_complete(resolved, metadata)
-    _dcp_load(resolved, ckpt_state.model_state(list(model_chunks), ctx), metadata)
+    values = ckpt_state.model_state(list(model_chunks), ctx)
+    frozen = {key for key, param in ckpt_state.named_parameters(model_chunks).items() if not param.requires_grad}
+    if frozen:
+        values = {key: value for key, value in values.items() if key[len("model."):] in frozen}
+    _dcp_load(resolved, values, metadata)
     return meta
 
 

@@ -148,7 +148,8 @@ class CheckpointSaver:
         self._refuse_non_finite(parts, state)
         step = ckpt_state.adam_step(parts.optimizer, self.ctx)
         values: dict[str, Any] = {}
-        values.update(ckpt_state.model_state(parts.model_chunks, self.ctx))
+        lora = self.config.finetune.lora is not None  # adapters only; the base weights are referred to
+        values.update(ckpt_state.model_state(parts.model_chunks, self.ctx, trainable_only=lora))
         values.update(ckpt_state.optimizer_state(parts.optimizer, self.ctx, with_moments=step > 0))
         values.update(ckpt_state.rng_state(parts.model_chunks, self.ctx.rank))
         meta = self._meta(parts, state, step) if self.ctx.rank == 0 else None
@@ -243,6 +244,7 @@ class CheckpointSaver:
             "grad_scaler": None if optimizer.grad_scaler is None else optimizer.grad_scaler.state_dict(),
             "adam_step": step, "optimizer_kind": optimizer.kind, "layout": layout_of(self.config, self.ctx),
             "config_yaml": self.config.to_yaml(),
+            "base_weights": self.config.checkpoint.init_weights if self.config.finetune.lora is not None else None,
         }
 
     def _checkpoint_group(self) -> Optional[dist.ProcessGroup]:

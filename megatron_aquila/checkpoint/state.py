@@ -53,9 +53,16 @@ def _boxes(param: nn.Parameter, lo: int, values: torch.Tensor, ctx: ParallelCont
 
 
 # ---------------------------------------------------------------------------------- model
-def model_state(model_chunks: Iterable[nn.Module], ctx: ParallelContext) -> dict[str, ShardedBoxes]:
-    """``model.{name}`` -> this rank's TP shard of each parameter (views: saves read, loads write in place)."""
-    return {f"model.{name}": _boxes(p, 0, p.detach(), ctx) for name, p in named_parameters(model_chunks).items()}
+def model_state(model_chunks: Iterable[nn.Module], ctx: ParallelContext,
+                trainable_only: bool = False) -> dict[str, ShardedBoxes]:
+    """``model.{name}`` -> this rank's TP shard of each parameter (views: saves read, loads write in place).
+
+    ``trainable_only``: only the parameters that train (LoRA's adapters); the frozen base weights of
+    a LoRA run are not copied into its checkpoints, which name them instead (``base_weights`` in
+    meta.json, the run's ``checkpoint.init_weights``).
+    """
+    return {f"model.{name}": _boxes(p, 0, p.detach(), ctx) for name, p in named_parameters(model_chunks).items()
+            if p.requires_grad or not trainable_only}
 
 
 # ---------------------------------------------------------------------------------- optimizer

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron_aquila.config import Config
 from megatron_aquila.data.blended_dataset import build_blended_gpt_datasets
 from megatron_aquila.data.gpt_dataset import GPTDatasetConfig
+from megatron_aquila.data.sft_dataset import build_sft_datasets
 from megatron_aquila.data.sampler import MicroBatchSampler, collate_samples
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.context_parallel import split_batch
@@ -65,7 +66,10 @@ def build_streams(config: Config, ctx: ParallelContext, train_samples: int) -> t
     """(train stream from a consumed count, valid stream or None) for this rank."""
     t = config.training
     valid_samples = t.eval_iters * t.global_batch_size if t.eval_interval else 0
-    if config.data.mock:
+    if config.data.sft:
+        train, valid = build_sft_datasets([str(entry) for entry in config.data.data_path], config.model.seq_length,
+                                          config.data.split, t.seed, (train_samples, valid_samples))
+    elif config.data.mock:
         vocab = config.model.vocab_size
         train = MockGPTDataset(train_samples, config.model.seq_length, vocab, t.seed)
         valid = MockGPTDataset(valid_samples, config.model.seq_length, vocab, t.seed + 1) if valid_samples else None
