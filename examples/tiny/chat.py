@@ -18,10 +18,10 @@ from megatron_aquila.data.tokenizer import build_tokenizer
 
 def load_model(args: argparse.Namespace) -> torch.nn.Module:
     if args.adapter is None:
-        return AutoModelForCausalLM.from_pretrained(args.hf_dir, torch_dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(args.base, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     return PeftModel.from_pretrained(base, args.adapter).eval()
 
 
