@@ -14,7 +14,7 @@ from megatron_aquila.data.loader import build_streams
 from megatron_aquila.metrics import MetricsWriter
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.model.flops import flops_per_iteration
-from megatron_aquila.model.lora import LoraSettings, apply_lora
+from megatron_aquila.model.lora import LoraSettings, adapter_parameters, apply_lora
 from megatron_aquila.optim.build import build_optimizer
 from megatron_aquila.optim.lr_schedule import LRScheduler
 from megatron_aquila.parallel.context import ParallelContext
@@ -72,7 +72,9 @@ def build_trainer_parts(config: Config, ctx: ParallelContext) -> tuple[TrainerPa
         model_chunks=chunks, grad_buffers=buffers, optimizer=optimizer,
         lr_scheduler=LRScheduler.from_config(config.optimizer, t), batch_schedule=schedule,
         train_stream=train_stream, valid_stream=valid_stream,
-        flops_per_sample=flops_per_iteration(config.model, 1, padded_vocab),
+        flops_per_sample=flops_per_iteration(
+            config.model, 1, padded_vocab,
+            None if lora is None else adapter_parameters(config.model, LoraSettings.from_config(lora))),
         peak_tflops=shared_peak_tflops(config, ctx),
     )
     if lora is not None:  # the base weights, always: a LoRA checkpoint holds only the adapters

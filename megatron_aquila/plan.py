@@ -62,7 +62,7 @@ import torch
 from megatron_aquila.config import Config, ConfigError, load_config
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.model.flops import flops_per_iteration, num_parameters
-from megatron_aquila.model.lora import LORA_PARAMETERS, LoraSettings, apply_lora
+from megatron_aquila.model.lora import LORA_PARAMETERS, LoraSettings, adapter_parameters, apply_lora
 from megatron_aquila.model.kernels import KernelChoice
 from megatron_aquila.parallel.context import DescribedGroup, ParallelContext, ProcessGroup
 from megatron_aquila.parallel.pipeline.partition import chunk_has_embedding, chunk_has_head, chunk_layer_ids
@@ -376,7 +376,9 @@ def plan(config: Config, nodes: int, gpus_per_node: int, gpu: GpuSpec, mfu: floa
     out.append(f"margin: {_gib(usable - used)} left of {_gib(usable)} usable ({gpu.memory_gib:g} GiB "
                f"{gpu.name} minus {RESERVED_FRACTION:.0%} reserved for CUDA context, NCCL buffers, fragmentation)")
 
-    flops = flops_per_iteration(m, t.global_batch_size, padded_vocab)
+    lora = config.finetune.lora
+    flops = flops_per_iteration(m, t.global_batch_size, padded_vocab,
+                                None if lora is None else adapter_parameters(m, LoraSettings.from_config(lora)))
     iteration_s = flops / (world * gpu.peak_tflops * 1e12 * mfu)
     tokens_per_gpu = t.global_batch_size * m.seq_length / iteration_s / world
     out.append(f"FLOPs per iteration (global batch {t.global_batch_size}): {flops:.4e}")

@@ -31,3 +31,5 @@ def test_flops_formula_by_hand():
                          seq_length=4)
     # d = 4, n = 2, g = 1: per layer h(2dn + 2dg) = 8 * 24 = 192, 3hf = 384, s d n = 32; head h V = 80
     assert flops_per_iteration(config, global_batch=3, padded_vocab=10) == 6 * 3 * 4 * (2 * (192 + 384 + 32) + 80)
+    # LoRA, 100 adapter parameters: weights 2 * (192 + 384) + 80 = 1232 at 4, attention 2 * 32 and adapters at 6
+    assert flops_per_iteration(config, 3, 10, adapter_parameters=100) == 3 * 4 * (4 * 1232 + 6 * 64 + 6 * 100)

@@ -152,6 +152,11 @@ class LoraSettings:
 
 
 # ------------------------------------------------------------------ shapes, masks, maths shared by all paths
+def adapter_parameters(config: ModelConfig, settings: LoraSettings) -> int:
+    """LoRA parameters of the whole model (every A and B at full TP1 shape): the FLOPs count's adapters."""
+    return sum(math.prod(shape) for shape in lora_full_shapes(config, settings).values())
+
+
 def lora_full_shapes(config: ModelConfig, settings: LoraSettings) -> dict[str, tuple[int, ...]]:
     """Every LoRA parameter's global name and full TP1 shape (``layers.i.attention.qkv.lora_a``: [r, h], ...)."""
     n, g, d, h, f, r = (config.num_attention_heads, config.kv_heads, config.head_dim, config.hidden_size,
