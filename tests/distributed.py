@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue as queue_module
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -43,20 +45,30 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
 def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout: float = 300.0) -> list[Any]:
     """Spawn ``world_size`` processes running ``fn(rank, world_size, *args)``; return results by rank."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     processes = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
     for process in processes:
         process.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
-    for _ in range(world_size):
-        rank, status, payload = queue.get()
+    deadline = time.monotonic() + timeout
+    while len(results) < world_size and not errors:
+        try:
+            rank, status, payload = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            # A process that died without reporting (killed, or failed before _entry's try, e.g. while
+            # unpickling ``fn``) would otherwise leave this loop waiting for ever.
+            dead = [f"rank {r} exited with code {p.exitcode} without a result" for r, p in enumerate(processes)
+                    if p.exitcode not in (None, 0) and r not in results]
+            if dead or time.monotonic() > deadline:
+                errors.extend(dead or [f"no result from ranks {sorted(set(range(world_size)) - set(results))} "
+                                       f"within {timeout:.0f} s"])
+            continue
         if status == "ok":
             results[rank] = pickle.loads(payload)
         else:
             errors.append(f"rank {rank} failed:\n{payload}")
-            break
     for process in processes:
         process.join(timeout=5 if errors else timeout)
         if process.is_alive():
