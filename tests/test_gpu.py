@@ -2,6 +2,8 @@
 
 1. bf16 on CUDA against fp32 on the CPU: the same weights, the same batch; loss, logits and every
    gradient within bounds derived from bf16's precision.
+1b. The attention masks of context parallelism and packed SFT on CUDA (bf16 SDPA, GQA) against fp32 on
+   the CPU, and both against the rows of plain causal attention.
 2. The real trainer under NCCL: ``torchrun --nproc_per_node 1`` runs ``megatron_aquila.train.main``
    (what ``-m megatron_aquila.train`` runs) through a small runner that writes the exact per-iteration
    losses. It trains bf16 on mock data and saves; a second job resumes from the middle checkpoint
@@ -87,6 +89,48 @@ def test_bf16_on_cuda_matches_fp32_on_cpu():
     assert token_error <= MAX_TOKEN_LOSS_ERROR, token_error
     assert logits_error <= MAX_LOGITS_ERROR, logits_error
     assert grad_errors[worst] <= MAX_GRAD_ERROR, grad_errors
+
+
+# ----------------------------------------------------------------------------------- 1b. attention masks
+def _attention(kernel, q, k, v, segments=None):
+    """Output [sq, b, n*d] of ``kernel`` and the grads of q, k, v for a fixed output grad."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = kernel(q, k, v, False, segments)
+    out.backward(torch.ones_like(out) / out.numel() ** 0.5)
+    return [t.detach().float().cpu() for t in (out, q.grad, k.grad, v.grad)]
+
+
+@pytest.mark.gpu
+def test_cuda_attention_masks_match_cpu():
+    """The two masks the GPU path adds for context parallelism and packed SFT, on CUDA in bf16 (torch SDPA
+    with GQA: the lower-right causal bias of a query chunk against its key prefix, and the block-diagonal
+    document mask) against fp32 on the CPU; both checked against the rows of plain causal attention."""
+    from megatron_aquila.model.kernels import build_attention
+
+    kernel = build_attention("torch-sdpa", 8, 2, 64, 0.0)
+    generator = torch.Generator().manual_seed(0)
+    s, b = 256, 2
+    q = torch.randn(s, b, 8, 64, generator=generator)
+    k, v = torch.randn(s, b, 2, 64, generator=generator), torch.randn(s, b, 2, 64, generator=generator)
+    cuda = lambda *tensors: [t.cuda().bfloat16() for t in tensors]  # noqa: E731
+
+    full = _attention(kernel, q[:128], k[:128], v[:128])  # causal over the first 128 tokens, fp32 CPU
+    chunk_cpu = _attention(kernel, q[64:128], k[:128], v[:128])  # CP: queries 64..127 against keys 0..127
+    chunk_gpu = _attention(kernel, *cuda(q[64:128], k[:128], v[:128]))
+    assert _relative_error(chunk_cpu[0], full[0][64:128]) < 1e-5, "CPU lower-right causal != causal rows"
+    errors = {name: _relative_error(gpu, cpu) for name, gpu, cpu in zip(("out", "dq", "dk", "dv"), chunk_gpu,
+                                                                         chunk_cpu)}
+    positions = torch.cat([torch.arange(100), torch.arange(90), torch.arange(66)]).expand(b, s)  # 3 documents
+    documents = (positions == 0).cumsum(dim=1)
+    packed_cpu = _attention(kernel, q, k, v, (documents, documents))
+    packed_gpu = _attention(kernel, *cuda(q, k, v), (documents.cuda(), documents.cuda()))
+    alone = _attention(kernel, q[100:190], k[100:190], v[100:190])  # the second document on its own
+    assert _relative_error(packed_cpu[0][100:190], alone[0]) < 1e-5, "CPU document mask != the document alone"
+    errors.update({f"packed {name}": _relative_error(gpu, cpu)
+                   for name, gpu, cpu in zip(("out", "dq", "dk", "dv"), packed_gpu, packed_cpu)})
+    print(f"\nbf16 CUDA vs fp32 CPU, torch SDPA with the CP and document masks: "
+          + ", ".join(f"{name} {error:.4f}" for name, error in errors.items()))
+    assert max(errors.values()) <= MAX_GRAD_ERROR, errors
 
 
 # ----------------------------------------------------------------------------------- 2. NCCL trainer

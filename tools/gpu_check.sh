@@ -4,7 +4,8 @@
 # 1. builds the package offline (pip install --no-deps --no-build-isolation -e ., which compiles
 #    csrc/helpers.cpp with pybind11; python setup.py build_ext --inplace if pip cannot);
 # 2. runs the GPU tests: python -m pytest -m gpu tests (tests/test_gpu.py: bf16 CUDA vs fp32 CPU,
-#    the trainer under NCCL with exact resume and HF export, the planner's memory against the GPU);
+#    the context-parallel and packed-SFT attention masks on CUDA, the trainer under NCCL with exact
+#    resume and HF export, the planner's memory against the GPU);
 # 3. prints the single-GPU throughput benchmark, ours next to HF transformers
 #    (benchmarks/bench_gpu_throughput.py: Aquila2-7B width, seq 2048 and 4096).
 # Needs torch with CUDA, transformers, tokenizers, safetensors, pybind11 and pytest; flash-attn,
