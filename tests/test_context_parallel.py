@@ -253,3 +253,20 @@ def test_bad_layout_fails_before_any_process_group(overrides, world_size, messag
     config = load_config(None, BASE + overrides)
     with pytest.raises(ConfigError, match=message):
         config.validate(world_size)
+
+
+def precision_worker(rank: int, world_size: int, overrides: list[str]):
+    history = train_with(BASE + overrides, world_size)[0].history
+    return history if rank == 0 else None
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_matches_single_process(dtype):
+    """bf16 / fp16 parameters (fp32 masters; fp16 with its loss scaler): the K/V all-gather and the
+    reduce-scatter of their grads run in the model dtype. The losses follow one process to within the
+    dtype's rounding of different summation orders."""
+    overrides = [f"precision.dtype={dtype}", "model.num_layers=2"]
+    reference = train_with(BASE + overrides, 1)[0].history
+    history = run_distributed(precision_worker, 2, args=(overrides + ["parallel.context_parallel=2"],))[0]
+    torch.testing.assert_close(torch.tensor(history), torch.tensor(reference), rtol=1e-3, atol=0,
+                               msg=lambda m: f"{dtype}: CP2 losses {history} vs one process {reference}\n{m}")
