@@ -17,6 +17,7 @@ The tests print what they measured (``pytest -s`` shows it; tools/gpu_check.sh p
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -93,10 +94,15 @@ def test_bf16_on_cuda_matches_fp32_on_cpu():
 
 # ----------------------------------------------------------------------------------- 1b. attention masks
 def _attention(kernel, q, k, v, segments=None):
-    """Output [sq, b, n*d] of ``kernel`` and the grads of q, k, v for a fixed output grad."""
+    """Output [sq, b, n*d] of ``kernel`` and the grads of q, k, v for a fixed output grad. On CUDA only
+    SDPA's fused kernels may run (no math fallback, which would store the sq x sk probabilities)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out = kernel(q, k, v, False, segments)
-    out.backward(torch.ones_like(out) / out.numel() ** 0.5)
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(fused) if q.is_cuda else contextlib.nullcontext():
+        out = kernel(q, k, v, False, segments)
+        out.backward(torch.ones_like(out) / out.numel() ** 0.5)
     return [t.detach().float().cpu() for t in (out, q.grad, k.grad, v.grad)]
 
 
@@ -104,7 +110,8 @@ def _attention(kernel, q, k, v, segments=None):
 def test_cuda_attention_masks_match_cpu():
     """The two masks the GPU path adds for context parallelism and packed SFT, on CUDA in bf16 (torch SDPA
     with GQA: the lower-right causal bias of a query chunk against its key prefix, and the block-diagonal
-    document mask) against fp32 on the CPU; both checked against the rows of plain causal attention."""
+    document mask) against fp32 on the CPU; both checked against the rows of plain causal attention.
+    On CUDA the calls are restricted to SDPA's fused kernels: they must not fall back to the math path."""
     from megatron_aquila.model.kernels import build_attention
 
     kernel = build_attention("torch-sdpa", 8, 2, 64, 0.0)

@@ -133,7 +133,14 @@ def _torch_sdpa(dropout_p: float) -> AttentionFn:
         else:  # queries of a suffix of the keys: the lower-right causal bias (fused on GPU, no mask tensor)
             mask = dict(attn_mask=causal_lower_right(s, k.shape[0]))
         # [s, b, heads, d] -> [b, heads, s, d] as strided views; the output keeps q's memory order.
-        out = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+        keys, values = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, g, sk, d]
+        if gqa and "attn_mask" in mask and q.is_cuda:
+            # CUDA's fused kernel for masks (memory-efficient attention) takes no GQA: without this
+            # copy of K and V per query head, SDPA would fall back to its math path and keep the
+            # [b, n, sq, sk] probabilities. Query head i reads kv head i // (n/g), as enable_gqa does.
+            keys, values = (x.repeat_interleave(n // k.shape[2], dim=1) for x in (keys, values))  # [b, n, sk, d]
+            gqa = False
+        out = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), keys, values,
                                              dropout_p=dropout_p if training else 0.0, enable_gqa=gqa, **mask)
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)  # [s, b, n*d]
     return attend
