@@ -32,7 +32,6 @@ from megatron_aquila.data.sft_dataset import (
     SFT_TOKENS_SUFFIX,
     PackedSFTDataset,
     SFTConversations,
-    pack_greedily,
 )
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.parallel.context import ParallelContext
@@ -110,9 +109,7 @@ def main() -> None:
         prefix = Path(directory) / "chat"
         lengths = write_dataset(prefix, args)
         conversations = SFTConversations([str(prefix)], args.seq)
-        permutation = np.random.RandomState(0).permutation(len(conversations))  # the dataset's first epoch
-        one_epoch = len(pack_greedily(conversations.lengths[permutation], args.seq)) - 1
-        packed = PackedSFTDataset(conversations, 0, len(conversations), args.seq, num_samples=one_epoch, seed=0)
+        packed = PackedSFTDataset(conversations, 0, len(conversations), args.seq, num_samples=None, seed=0)
         print(f"{args.conversations} conversations, median {int(np.median(lengths))} tokens, seq {args.seq}; model "
               f"{args.layers} layers x hidden {args.hidden}, micro batch {args.micro_batch}, fp32, one process")
         print(f"{'layout':>9} {'sequences':>9} {'tokens':>9} {'loss tok':>10} {'step s':>8} {'tokens/s':>9} "

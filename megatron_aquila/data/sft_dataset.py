@@ -95,27 +95,26 @@ def pack_greedily(lengths: np.ndarray, seq_length: int) -> list[int]:
 
 
 class PackedSFTDataset(torch.utils.data.Dataset):
-    """``num_samples`` packed sequences of the conversations [start, end) (module docstring)."""
+    """``num_samples`` packed sequences of the conversations [start, end) (module docstring); exactly
+    the first epoch's sequences when ``num_samples`` is None."""
 
-    def __init__(self, conversations: SFTConversations, start: int, end: int, seq_length: int, num_samples: int,
-                 seed: int):
+    def __init__(self, conversations: SFTConversations, start: int, end: int, seq_length: int,
+                 num_samples: int | None, seed: int):
         if end <= start:
             raise ValueError(f"no conversations in this split (conversations [{start}, {end}) of "
                              f"{len(conversations)}): change data.split or add data")
         self.conversations, self.seq_length = conversations, seq_length
-        self.order_epoch_size = end - start  # conversations per epoch
         order, packs = [], []
-        epoch = 0
-        while len(packs) < num_samples:
+        self.packs_per_epoch: list[int] = []
+        while not order or (num_samples is not None and len(packs) < num_samples):
+            epoch, base = len(order), len(order) * (end - start)
             permutation = start + np.random.RandomState(seed + epoch).permutation(end - start)
             bounds = pack_greedily(conversations.lengths[permutation], seq_length)
-            base = sum(len(chunk) for chunk in order)
             packs += [(base + a, base + b) for a, b in zip(bounds[:-1], bounds[1:])]
+            self.packs_per_epoch.append(len(bounds) - 1)
             order.append(permutation)
-            epoch += 1
         self.order = np.concatenate(order)
         self.packs = packs[:num_samples]
-        self.epochs = epoch
 
     def __len__(self) -> int:
         return len(self.packs)
@@ -145,13 +144,12 @@ def build_sft_datasets(prefixes: list[str], seq_length: int, split: str, seed: i
                        num_samples: tuple[int, int]) -> tuple[PackedSFTDataset, PackedSFTDataset | None]:
     """(train, valid or None) packed datasets of ``num_samples`` = (train, valid) sequences."""
     conversations = SFTConversations(prefixes, seq_length)
-    train = PackedSFTDataset(conversations, *split_range(len(conversations), split, 0), seq_length,
-                             num_samples[0], seed)
-    first_epoch = len(pack_greedily(conversations.lengths[train.order[:train.order_epoch_size]], seq_length)) - 1
-    tokens = int(conversations.lengths[train.order[:train.order_epoch_size]].sum())
-    logger.info(f"SFT data: {train.order_epoch_size:,} train conversations, {tokens:,} tokens packed into "
-                f"{first_epoch:,} sequences of {seq_length} per epoch ({tokens / (first_epoch * seq_length):.1%} of "
-                f"positions hold tokens); {len(train):,} sequences = {train.epochs} epoch(s) for this run")
+    start, end = split_range(len(conversations), split, 0)
+    train = PackedSFTDataset(conversations, start, end, seq_length, num_samples[0], seed)
+    tokens, first_epoch = int(conversations.lengths[start:end].sum()), train.packs_per_epoch[0]
+    logger.info(f"SFT data: {end - start:,} train conversations, {tokens:,} tokens packed into {first_epoch:,} "
+                f"sequences of {seq_length} per epoch ({tokens / (first_epoch * seq_length):.1%} of positions hold "
+                f"tokens); {len(train):,} sequences = {len(train.packs_per_epoch)} epoch(s) for this run")
     valid = None
     if num_samples[1]:
         valid = PackedSFTDataset(conversations, *split_range(len(conversations), split, 1), seq_length,
