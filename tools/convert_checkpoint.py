@@ -69,8 +69,7 @@ from megatron_aquila.checkpoint.hf_mapping import (  # noqa: E402
     model_config_from_hf,
     token_ids_from_tokenizer,
 )
-from megatron_aquila.checkpoint.init_weights import is_checkpoint  # noqa: E402
-from megatron_aquila.checkpoint.manager import CheckpointError, read_full_state  # noqa: E402
+from megatron_aquila.checkpoint.manager import CheckpointError, read_full_state, resolve_checkpoint  # noqa: E402
 from megatron_aquila.config import Config, ConfigError, ModelConfig, config_from_dict, load_config  # noqa: E402
 from megatron_aquila.model.lora import (  # noqa: E402
     LoraSettings,
@@ -246,7 +245,7 @@ def open_base_weights(path: str) -> Mapping[str, torch.Tensor]:
     if not Path(path).exists():
         raise ConversionError(f"the LoRA checkpoint's base weights {path} (its checkpoint.init_weights) do not exist: "
                               "run the conversion where that path is readable")
-    return read_full_state(path)[0] if is_checkpoint(path) else open_full_state(path)[0]
+    return read_full_state(path)[0] if resolve_checkpoint(path) is not None else open_full_state(path)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

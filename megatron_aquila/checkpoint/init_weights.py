@@ -25,7 +25,6 @@ from torch import nn
 from megatron_aquila.checkpoint.full_state import load_full_state_dict, open_full_state
 from megatron_aquila.checkpoint.hf_mapping import ConversionError, check_same_model, resize_vocab
 from megatron_aquila.checkpoint.manager import (
-    LATEST_FILE,
     CheckpointError,
     check_model_change,
     load_checkpoint_into,
@@ -58,18 +57,10 @@ def initialize_from_full_state(path: str, config: ModelConfig, model_chunks: lis
     logger.info(f"initialised weights from {path} (vocab padded to {padded} rows for tensor_parallel {ctx.tp_size})")
 
 
-def is_checkpoint(path: str) -> bool:
-    """Whether ``path`` is one of our checkpoints (a save directory or an ``iter_*`` directory)."""
-    directory = Path(path)
-    return (directory / LATEST_FILE).is_file() or (directory.name.startswith("iter_") and directory.is_dir())
-
-
-def initialize_from_checkpoint(path: str, config: Config, model_chunks: list[nn.Module], optimizer,
+def initialize_from_checkpoint(resolved: Path, config: Config, model_chunks: list[nn.Module], optimizer,
                                ctx: ParallelContext) -> None:
-    """Read only the model weights of checkpoint ``path`` into this rank's chunks (module docstring)."""
-    resolved = resolve_checkpoint(path)
-    if resolved is None:
-        raise CheckpointError(f"checkpoint.init_weights {path} holds no checkpoint")
+    """Read only the model weights of the checkpoint directory ``resolved`` into this rank's chunks
+    (module docstring)."""
     changed = check_model_change(resolved, read_meta(resolved), config)
     saved_rows = read_dcp_metadata(resolved).state_dict_metadata["model.embedding.weight"].size[0]
     padded = config.model.padded_vocab_size(ctx.tp_size)
@@ -88,7 +79,8 @@ def initialize_from_checkpoint(path: str, config: Config, model_chunks: list[nn.
 def initialize_weights(path: str, config: Config, model_chunks: list[nn.Module], optimizer,
                        ctx: ParallelContext) -> None:
     """``checkpoint.init_weights``: one of our checkpoints or a full-state (from-hf) directory or file."""
-    if is_checkpoint(path):
-        initialize_from_checkpoint(path, config, model_chunks, optimizer, ctx)
+    resolved = resolve_checkpoint(path)  # None: not a save or iter_* directory of ours
+    if resolved is not None:
+        initialize_from_checkpoint(resolved, config, model_chunks, optimizer, ctx)
     else:
         initialize_from_full_state(path, config.model, model_chunks, optimizer, ctx)
