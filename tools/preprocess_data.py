@@ -67,39 +67,22 @@ def parse_args(argv: list[str] | None) -> PreprocessConfig | SFTPreprocessConfig
     parser.add_argument("--seq-length", type=int,
                         help="--sft (required): longer conversations are truncated to this many tokens")
     args = parser.parse_args(argv)
+    common = dict(inputs=args.input, output_prefix=args.output_prefix, tokenizer_type=args.tokenizer_type,
+                  tokenizer_path=args.tokenizer_path, workers=args.workers, on_error=args.on_error)
     if args.sft:
         given = [name for name in PRETRAINING_DEFAULTS if getattr(args, name) is not None]
         if given:
             parser.error(f"--sft does not take {', '.join('--' + name.replace('_', '-') for name in given)}")
         if args.chat_template is None or args.seq_length is None:
             parser.error("--sft needs --chat-template and --seq-length")
-        return SFTPreprocessConfig(
-            inputs=args.input,
-            output_prefix=args.output_prefix,
-            tokenizer_type=args.tokenizer_type,
-            tokenizer_path=args.tokenizer_path,
-            chat_template=args.chat_template,
-            seq_length=args.seq_length,
-            workers=args.workers,
-            on_error=args.on_error,
-        )
+        return SFTPreprocessConfig(**common, chat_template=args.chat_template, seq_length=args.seq_length)
     if args.chat_template is not None or args.seq_length is not None:
         parser.error("--chat-template and --seq-length apply only with --sft")
     for name, default in PRETRAINING_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    return PreprocessConfig(
-        inputs=args.input,
-        output_prefix=args.output_prefix,
-        tokenizer_type=args.tokenizer_type,
-        tokenizer_path=args.tokenizer_path,
-        json_keys=args.json_keys,
-        append_eod=args.append_eod,
-        workers=args.workers,
-        batch_size=args.batch_size,
-        on_error=args.on_error,
-        log_interval=args.log_interval,
-    )
+    return PreprocessConfig(**common, json_keys=args.json_keys, append_eod=args.append_eod,
+                            batch_size=args.batch_size, log_interval=args.log_interval)
 
 
 def main(argv: list[str] | None = None) -> int:
