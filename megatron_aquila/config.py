@@ -1,7 +1,7 @@
 """Typed run configuration: dataclass sections, YAML recipes, dotted overrides, validation.
 
 A recipe is a YAML mapping of sections (``model``, ``parallel``, ``training``, ``optimizer``,
-``precision``, ``data``, ``checkpoint``, ``logging``) to fields of the dataclasses below.
+``precision``, ``data``, ``checkpoint``, ``logging``, ``distributed``) to fields of the dataclasses below.
 Command-line overrides are ``section.field=value`` with the value parsed as YAML. Unknown
 sections or fields and invalid combinations raise ``ConfigError`` before any process group work.
 """
@@ -196,6 +196,21 @@ class LoggingConfig:
     wandb_mode: str = "offline"             # offline works with no network; online needs a login
     peak_tflops: Optional[float] = None     # per device; None: table by device name, CPU measured
     output_dir: Optional[str] = None        # resolved config and logs; default: checkpoint.save
+    straggler_interval: int = 100           # every N iterations rank 0 names the slowest and fastest ranks
+                                            # (stragglers.py: one all_gather over the world); >= 1
+
+
+@dataclass
+class DistributedConfig:
+    """Time limits that turn a stuck job into a failed one (docs/design.md, "Failure handling")."""
+
+    nccl_timeout_minutes: float = 30.0      # init_process_group timeout: a collective of the world group waiting
+                                            # this long fails (NCCL then dumps its flight recorder, launch_torchrun.sh)
+    hang_timeout_minutes: float = 30.0      # watchdog.py: a rank that reports no progress (a new iteration,
+                                            # micro-batch, save, evaluation) for this long dumps every thread's
+                                            # stack and exits. Above the longest legitimate phase: a synchronous
+                                            # Aquila2-34B save writes ~470 GB (docs/design.md section 10), minutes
+                                            # on a shared filesystem; fractions allowed (0.1 = 6 s, for tests)
 
 
 LORA_TARGET_NAMES = ("qkv", "q", "k", "v", "dense", "o", "gate_up", "gate", "up", "down")
@@ -229,6 +244,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -497,6 +513,12 @@ def validate_config(config: Config, world_size: int) -> None:
                  f"data.sft takes a list of preprocess_data.py --sft output prefixes without blend weights, got "
                  f"{config.data.data_path}")
     _require(config.logging.log_interval >= 1, f"logging.log_interval {config.logging.log_interval} must be >= 1")
+    _require(config.logging.straggler_interval >= 1,
+             f"logging.straggler_interval {config.logging.straggler_interval} must be >= 1 (iterations between two "
+             "straggler reports; e.g. 100)")
+    for key in ("nccl_timeout_minutes", "hang_timeout_minutes"):
+        minutes = getattr(config.distributed, key)
+        _require(minutes > 0, f"distributed.{key} {minutes} must be > 0 (minutes; fractions allowed, default 30)")
     if config.checkpoint.save_interval is not None:
         _require(config.checkpoint.save is not None, "checkpoint.save_interval is set but checkpoint.save is not")
     if config.checkpoint.keep_last is not None:

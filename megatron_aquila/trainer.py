@@ -12,8 +12,20 @@ bad batch, a diverging run, an fp16 overflow). The run goes on, counts it in ``s
 leaves non-finite losses out of the logged interval mean; after ``training.max_skipped_in_a_row``
 consecutive skipped steps it stops with ``SkippedStepsError``. Under fp16 an overflow is the loss
 scaler's business while it can still back off, so a skipped step counts toward that limit only
-once its loss scale is at ``precision.min_loss_scale`` (docs/design.md section 10). Every
-collective runs on ``ctx.device`` (NCCL has no CPU tensors).
+once its loss scale is at ``precision.min_loss_scale`` (docs/design.md section 10). The warning
+of a counted skip names the iteration's train-dataset samples and those of them whose micro-batch
+loss was not finite (gathered from every data-parallel replica). Every collective runs on
+``ctx.device`` (NCCL has no CPU tensors).
+
+Failure handling (docs/design.md, "Failure handling"): the loop reports its position to the
+rank's ``Watchdog`` (a new iteration, each micro-batch drawn, a save, an evaluation), times each
+iteration's own work for the ``StragglerDetector``, and lets an exception go: ``train.py`` logs it
+and ends the process without another collective.
+
+Test hook: ``MEGATRON_AQUILA_FAULT_INJECT`` makes one rank misbehave, for the failure-handling
+tests only (``FaultInjection``): ``rank=R,iteration=I`` raises ``InjectedFault`` on rank R in
+iteration I, ``rank=R,iteration=I,sleep=S`` sleeps S seconds there instead (a stall), and
+``rank=R,slow=S`` sleeps S seconds in every iteration (a straggler).
 
 Checkpoints (``megatron_aquila.checkpoint``): saved every ``checkpoint.save_interval`` iterations
 and whenever the loop stops (end of training, exit_interval, exit_duration_minutes, or a
@@ -23,7 +35,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -32,21 +46,76 @@ import torch.distributed as dist
 from megatron_aquila.checkpoint.saver import CheckpointSaver
 from megatron_aquila.checkpoint.signals import StopSignalHandler
 from megatron_aquila.config import Config
+from megatron_aquila.data.sampler import MicroBatchSampler
 from megatron_aquila.metrics import IterationStats, MetricsWriter
 from megatron_aquila.parallel.context import ParallelContext, group_size
 from megatron_aquila.parallel.pipeline.schedules import Microbatch, ScheduleSpec, get_forward_backward_func
+from megatron_aquila.stragglers import StragglerDetector
 from megatron_aquila.training_state import TrainerParts, TrainingState
+from megatron_aquila.watchdog import Watchdog
 
 logger = logging.getLogger("megatron_aquila")
+
+FAULT_INJECT_ENV = "MEGATRON_AQUILA_FAULT_INJECT"
+SHOWN_SAMPLES = 32  # sample indices a skipped-step warning lists before it says how many more
+
 
 class SkippedStepsError(RuntimeError):
     """``training.max_skipped_in_a_row`` optimizer steps in a row were skipped for non-finite gradients."""
 
 
+class InjectedFault(RuntimeError):
+    """The error ``MEGATRON_AQUILA_FAULT_INJECT`` raises (a test hook, module docstring)."""
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test hook (module docstring): what ``MEGATRON_AQUILA_FAULT_INJECT`` asks of rank ``rank``."""
+
+    rank: int
+    iteration: Optional[int] = None   # raise InjectedFault in this 1-based iteration, or sleep there
+    sleep: Optional[float] = None     # seconds to sleep in ``iteration`` instead of raising
+    slow: Optional[float] = None      # seconds to sleep in every iteration
+
+    @classmethod
+    def from_environment(cls) -> Optional["FaultInjection"]:
+        text = os.environ.get(FAULT_INJECT_ENV)
+        if not text:
+            return None
+        try:
+            fields = dict(item.split("=", 1) for item in text.split(","))
+            unknown = sorted(set(fields) - {"rank", "iteration", "sleep", "slow"})
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join(unknown)}")
+            return cls(rank=int(fields["rank"]), iteration=int(fields["iteration"]) if "iteration" in fields else None,
+                       sleep=float(fields["sleep"]) if "sleep" in fields else None,
+                       slow=float(fields["slow"]) if "slow" in fields else None)
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"{FAULT_INJECT_ENV}={text!r} is not rank=R[,iteration=I][,sleep=S][,slow=S] "
+                             f"({type(error).__name__}: {error})") from None
+
+    def apply(self, rank: int, iteration: int) -> None:
+        if rank != self.rank:
+            return
+        if self.slow is not None:
+            time.sleep(self.slow)
+        if iteration == self.iteration and self.sleep is not None:
+            time.sleep(self.sleep)
+        elif iteration == self.iteration:
+            raise InjectedFault(f"injected by {FAULT_INJECT_ENV} on rank {rank} in iteration {iteration}")
+
+
 class Trainer:
+    """The loop over ``parts``. ``watchdog``: the rank's started ``Watchdog`` (``train.py``); without one the
+    positions are recorded and nothing watches them."""
+
     def __init__(self, config: Config, ctx: ParallelContext, parts: TrainerParts,
-                 metrics: Optional[MetricsWriter] = None, state: Optional[TrainingState] = None):
+                 metrics: Optional[MetricsWriter] = None, state: Optional[TrainingState] = None,
+                 watchdog: Optional[Watchdog] = None):
         self.config, self.ctx, self.parts, self.metrics = config, ctx, parts, metrics
+        self.watchdog = watchdog or Watchdog(config.distributed.hang_timeout_minutes, ctx.describe())
+        self.stragglers = StragglerDetector(ctx, config.logging.straggler_interval)
+        self.fault = FaultInjection.from_environment()
         self.state = state or TrainingState()
         self.schedule = get_forward_backward_func(ctx.pp_size, config.parallel.virtual_pipeline_stages)
         self.use_samples = config.training.train_samples is not None
@@ -59,6 +128,7 @@ class Trainer:
         """Save at the current iteration when ``checkpoint.save`` is set (once per iteration)."""
         if self.config.checkpoint.save is None or self.state.iteration == self.last_saved_iteration:
             return
+        self.watchdog.beat("save", self.state.iteration)
         self.saver.save(self.parts, self.state)
         self.last_saved_iteration = self.state.iteration
 
@@ -98,15 +168,17 @@ class Trainer:
         return float((local[0] / local[1].clamp(min=1.0)).item())
 
     def train_step(self, microbatches: Iterator[Microbatch], num_microbatches: int):
+        """One optimizer step: (reduced loss, StepResult, the last stage's per-micro-batch [S_j, n_j] or [])."""
         for model in self.parts.model_chunks:
             model.train()
         self.parts.optimizer.zero_grad()
         losses = self.schedule(self._spec(num_microbatches, forward_only=False), microbatches)
+        self.stragglers.stop()  # this rank's own work ends here; finish_grad_sync waits for the others
         for buffer in self.parts.grad_buffers:
             buffer.finish_grad_sync()
         self.parts.optimizer.set_lr(self.parts.lr_scheduler.lr)
         result = self.parts.optimizer.step()
-        return self._reduce_loss(losses), result
+        return self._reduce_loss(losses), result, losses
 
     # ----------------------------------------------------------------- validation
     @torch.no_grad()
@@ -143,12 +215,9 @@ class Trainer:
 
     def train(self) -> TrainingState:
         stream = self.parts.train_stream(self.state.consumed_train_samples)
-        try:
-            self._loop(stream)
-        except BaseException:
-            self.saver.drain_after_error()   # an earlier state's background write may still complete
-            raise
+        self._loop(stream)   # an exception leaves at once: no wait for a background save (docs/design.md)
         stream.close()  # shut the data loader down now, not at interpreter exit
+        self.watchdog.beat("save", self.state.iteration)  # the last save, and the wait for a background one
         self.save_checkpoint()
         self.saver.close()   # an async save completes (on every rank) before the run returns
         if self.metrics is not None:
@@ -173,7 +242,9 @@ class Trainer:
                 if state.iteration % cfg.logging.log_interval == 0 or state.iteration == self.train_iters:
                     self._log(interval_losses, interval_seconds / interval_iters, global_batch, result)
                     interval_losses, interval_seconds, interval_iters = [], 0.0, 0
+                self.stragglers.report(state.iteration)
                 if cfg.training.eval_interval and state.iteration % cfg.training.eval_interval == 0:
+                    self.watchdog.beat("eval", state.iteration)
                     self._log_validation()
                 if cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
                     self.save_checkpoint()
@@ -184,13 +255,19 @@ class Trainer:
     def _train_iteration(self, stream: Iterator[Microbatch]) -> tuple[float, float, int, object]:
         """One optimizer step and its counters; returns (loss, seconds, global batch, StepResult)."""
         parts, state = self.parts, self.state
-        global_batch = parts.batch_schedule.global_batch_at(state.consumed_train_samples)
-        num_microbatches = parts.batch_schedule.num_microbatches_at(state.consumed_train_samples)
+        iteration, consumed = state.iteration + 1, state.consumed_train_samples
+        global_batch = parts.batch_schedule.global_batch_at(consumed)
+        num_microbatches = parts.batch_schedule.num_microbatches_at(consumed)
+        self.watchdog.beat("iteration", iteration)
         tick = time.perf_counter()
-        loss, result = self.train_step(stream, num_microbatches)
+        self.stragglers.start()
+        if self.fault is not None:
+            self.fault.apply(self.ctx.rank, iteration)
+        loss, result, losses = self.train_step(self._watched(stream, iteration, num_microbatches), num_microbatches)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         seconds = time.perf_counter() - tick
+        self.stragglers.record()
         state.iteration += 1
         state.consumed_train_samples += global_batch
         state.history.append(loss)
@@ -199,10 +276,33 @@ class Trainer:
             state.skipped_in_a_row = 0
         else:
             state.skipped_iterations += 1
-            self._count_skipped(loss, result)
+            self._count_skipped(loss, result, consumed, global_batch, losses)
         return loss, seconds, global_batch, result
 
-    def _count_skipped(self, loss: float, result) -> None:
+    def _watched(self, stream: Iterator[Microbatch], iteration: int, count: int) -> Iterator[Microbatch]:
+        """The iteration's ``count`` micro-batches of ``stream``, each draw reported to the watchdog."""
+        for index in range(count):
+            self.watchdog.beat("data", iteration, index, count)
+            batch = next(stream)
+            self.watchdog.beat("iteration", iteration, index, count)
+            yield batch
+
+    def _non_finite_samples(self, consumed: int, global_batch: int, losses: list[torch.Tensor]) -> list[int]:
+        """Train-dataset indices of this iteration's samples whose micro-batch loss is not finite, on every
+        rank (a collective over the world). The sampler gives each micro-batch's indices: the iteration
+        read samples ``[consumed, consumed + global_batch)``, sliced by data-parallel rank."""
+        sampler = MicroBatchSampler(consumed + global_batch, consumed, self.config.training.micro_batch_size,
+                                    self.ctx.dp_rank, self.ctx.dp_size)
+        mine = [index for pair, indices in zip(losses, sampler) if not math.isfinite(float(pair[0]))
+                for index in indices]   # losses: the last stage's [S_j, n_j], micro-batch order; [] elsewhere
+        if self.ctx.world_size == 1:
+            return mine
+        gathered: list[list[int]] = [[] for _ in range(self.ctx.world_size)]
+        dist.all_gather_object(gathered, mine, group=self.ctx.world_group)
+        return sorted({index for part in gathered for index in part})  # TP and CP ranks report alike
+
+    def _count_skipped(self, loss: float, result, consumed: int, global_batch: int,
+                       losses: list[torch.Tensor]) -> None:
         """Count a skipped step toward ``max_skipped_in_a_row`` (module docstring) and stop at the limit.
 
         ``result.successful`` is agreed over the world, so every rank raises at the same iteration.
@@ -212,8 +312,14 @@ class Trainer:
         if cfg.precision.dtype == "fp16" and result.loss_scale > cfg.precision.min_loss_scale:
             return  # the scaler backs off and retries
         state.skipped_in_a_row += 1
+        bad = self._non_finite_samples(consumed, global_batch, losses)
         if self.ctx.rank == 0:
+            shown = ", ".join(map(str, bad[:SHOWN_SAMPLES])) + (f" and {len(bad) - SHOWN_SAMPLES} more"
+                                                                if len(bad) > SHOWN_SAMPLES else "")
+            culprits = (f"non-finite loss on samples {shown}" if bad else
+                        "every micro-batch loss finite (the gradients overflowed)")
             logger.warning(f"iteration {state.iteration}: optimizer step skipped, gradients not finite (loss {loss}); "
+                           f"its batch is train-dataset samples {consumed}-{consumed + global_batch - 1}, {culprits}; "
                            f"{state.skipped_in_a_row} in a row, the run stops at training.max_skipped_in_a_row {limit}")
         if state.skipped_in_a_row >= limit:
             raise SkippedStepsError(

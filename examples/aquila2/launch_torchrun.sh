@@ -39,6 +39,14 @@ fi
 
 # One CPU thread pool per process is plenty: the GPU does the work.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# NCCL flight recorder: each rank keeps its last TORCH_NCCL_TRACE_BUFFER_SIZE collectives, and when one
+# waits longer than distributed.nccl_timeout_minutes every rank writes them to
+# $NCCL_TRACE_DIR/nccl_trace_rank_<global rank>, on its own node (NCCL_TRACE_DIR must exist there;
+# /tmp by default; a shared directory gathers the whole job). Stalls outside NCCL: the hang watchdog
+# prints every thread's stack to the job's stderr (distributed.hang_timeout_minutes).
+export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-${NCCL_TRACE_DIR:-/tmp}/nccl_trace_rank_}
 
 source examples/aquila2/stop_signals.sh
 run_torchrun_forwarding_stop_signals torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" \

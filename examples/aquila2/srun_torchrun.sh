@@ -18,5 +18,8 @@ source "$REPO_DIR/examples/aquila2/stop_signals.sh"
 # OMP_NUM_THREADS too, when set). Expanded here, once, so every node gets the same endpoint and
 # overrides (each "$@" word stays one word).
 export NNODES=$SLURM_JOB_NUM_NODES RDZV_ENDPOINT=$RDZV_HOST:$RDZV_PORT RDZV_ID=$SLURM_JOB_ID
+# NCCL flight-recorder traces (launch_torchrun.sh sets the rest): $NCCL_TRACE_DIR/nccl_trace_rank_<rank> on
+# each node after a collective times out; set NCCL_TRACE_DIR to an existing shared directory to gather them.
+export NCCL_TRACE_DIR=${NCCL_TRACE_DIR:-/tmp}
 run_srun_forwarding_stop_signals srun --nodes "$SLURM_JOB_NUM_NODES" --ntasks-per-node 1 --kill-on-bad-exit=1 \
     --chdir "$REPO_DIR" bash examples/aquila2/launch_torchrun.sh "$RECIPE" "$@"

@@ -179,17 +179,6 @@ class CheckpointSaver:
         self._barrier()
         logger.info(f"saved checkpoint {final} (background write complete)")
 
-    def drain_after_error(self) -> None:
-        """After a failure in the loop: let this rank's background write end (no collective, never raises)."""
-        if self._pending is None:
-            return
-        future, final = self._pending
-        self._pending = None
-        try:
-            future.result()
-        except Exception as error:   # the loop's own error is the one to report
-            logger.warning(f"the background save of {final} failed as well: {error}")
-
     def close(self) -> None:
         """Finish any pending save and stop the writer thread."""
         self.wait()
