@@ -12,6 +12,9 @@ chunks do not cover it) is a ``CheckpointError`` naming the path.
 
 Every rank reads only its own pieces, straight into its parameters and optimizer state
 (``state``); the chunks saved under any TP x PP x DP layout (ZeRO-1 or not) are read by overlap.
+Rank 0 alone checks that the checkpoint is complete (one stat per shard file, not one per rank
+and file: 262,144 at 512 ranks) and broadcasts its verdict, so every rank raises the same
+``CheckpointError`` or none does; the other ranks read nothing until it arrives.
 
 Formats: ``v2`` (this code) writes each rank's optimizer pieces as their own chunks; ``v1`` wrote
 each optimizer tensor whole after a DP all-reduce. Both store the same keys and global shapes,
@@ -132,6 +135,49 @@ def check_complete(path: Path, metadata: Metadata) -> None:
                                       "an earlier complete iter_* directory")
 
 
+def checked_checkpoint(path: Path, ctx: ParallelContext) -> tuple[dict[str, Any], Metadata]:
+    """``meta.json`` and the DCP metadata of ``path`` once rank 0 found it complete (collective over the world).
+
+    Rank 0 reads both and runs ``check_complete``; its verdict (empty, or the error message) is
+    broadcast over ``ctx.world_group``, and every rank raises the same CheckpointError or goes on
+    (the others then read the two small files themselves). Any error of rank 0's reading becomes
+    the verdict, so no rank waits for a broadcast that never comes.
+    """
+    if ctx.world_size == 1:
+        return _read_complete(path)
+    verdict, found = "", None
+    if ctx.rank == 0:
+        try:
+            found = _read_complete(path)
+        except CheckpointError as error:
+            verdict = str(error)
+        except Exception as error:   # an unreadable .metadata, a filesystem error: still one verdict for all
+            verdict = f"cannot read checkpoint {path}: {type(error).__name__}: {error}"
+    verdict = _broadcast_text(verdict, ctx)
+    if verdict:
+        raise CheckpointError(verdict)
+    return found or (read_meta(path), read_dcp_metadata(path))
+
+
+def _read_complete(path: Path) -> tuple[dict[str, Any], Metadata]:
+    meta, metadata = read_meta(path), read_dcp_metadata(path)
+    check_complete(path, metadata)
+    return meta, metadata
+
+
+def _broadcast_text(text: str, ctx: ParallelContext) -> str:
+    """Rank 0's ``text`` on every rank: its UTF-8 length, then its bytes, broadcast over the world group."""
+    encoded = text.encode()
+    length = torch.tensor([len(encoded)], dtype=torch.int64, device=ctx.device)
+    dist.broadcast(length, src=0, group=ctx.world_group)
+    if length.item() == 0:
+        return ""
+    data = (torch.tensor(list(encoded), dtype=torch.uint8, device=ctx.device) if ctx.rank == 0 else
+            torch.empty(int(length.item()), dtype=torch.uint8, device=ctx.device))
+    dist.broadcast(data, src=0, group=ctx.world_group)
+    return data.cpu().numpy().tobytes().decode()
+
+
 def _check_keys(path: Path, wanted: dict[str, Any], metadata: Metadata) -> None:
     """Every wanted key exists in the checkpoint with the same global shape (clear error otherwise)."""
     saved = metadata.state_dict_metadata
@@ -192,9 +238,7 @@ def load_checkpoint(config: Config, ctx: ParallelContext, parts: TrainerParts) -
     if path is None:
         logger.info(f"no checkpoint to resume in {c.load} (no '{LATEST_FILE}' file): starting from scratch")
         return None
-    meta = read_meta(path)
-    metadata = read_dcp_metadata(path)
-    check_complete(path, metadata)
+    meta, metadata = checked_checkpoint(path, ctx)
     changed = check_model_change(path, meta, config)
     if changed:
         logger.info(f"resuming {path} with a changed model section: {'; '.join(changed)}")
@@ -249,9 +293,7 @@ def load_checkpoint_into(model_chunks: Iterable[nn.Module], path: str | os.PathL
     resolved = resolve_checkpoint(path)
     if resolved is None:
         raise CheckpointError(f"{path} holds no checkpoint: expected a '{LATEST_FILE}' file or an iter_* directory")
-    meta = read_meta(resolved)
-    metadata = read_dcp_metadata(resolved)
-    check_complete(resolved, metadata)
+    meta, metadata = checked_checkpoint(resolved, ctx)
     values = ckpt_state.model_state(list(model_chunks), ctx)
     frozen = {key for key, param in ckpt_state.named_parameters(model_chunks).items() if not param.requires_grad}
     if frozen:

@@ -12,7 +12,9 @@ Order of a save, which keeps the previous checkpoint loadable if any step fails 
 2. rank 0 adds ``meta.json``, renames ``.tmp`` to ``iter_XXXXXXX/`` and fsyncs the directory;
 3. rank 0 replaces ``latest`` (temporary file, fsync, ``os.replace``, fsync of the directory);
 4. with ``checkpoint.keep_last = N``, rank 0 deletes the oldest complete checkpoints beyond the
-   N newest, never the one ``latest`` names.
+   N newest, never the one ``latest`` names;
+5. rank 0 deletes the ``iter_*.tmp`` directories that failed saves of earlier iterations left
+   behind (never one of a later iteration, which may be another save still in flight).
 
 A checkpoint of the same iteration already there (another attempt's, when a run restarts from an
 earlier checkpoint into the same directory) is replaced: it is renamed to ``iter_XXXXXXX.replaced``
@@ -21,8 +23,11 @@ before step 2 and deleted only after step 3, so a crash in between leaves it for
 replacement is in place. (The trainer never re-saves the iteration it resumed from.)
 
 ``checkpoint.async_save``: the loop is blocked only while the state is copied to host memory
-(pinned on GPU); a background thread runs steps 1-4 over a gloo process group of its own (DCP's
-collectives must not interleave with the training loop's on the same communicator). At most one
+(pinned on GPU); a background thread runs steps 1-5 over a gloo process group of its own (DCP's
+collectives must not interleave with the training loop's on the same communicator). The thread
+binds itself to the rank's GPU first: DCP's file writer synchronises the current CUDA stream, which
+on a thread that never called ``torch.cuda.set_device`` would open a context on GPU 0 from every
+rank of the node. At most one
 save is in flight: the next save, or the end of training, waits for it. The host copy is the
 price: host memory holds one extra copy of this rank's model and optimizer shard, kept and reused
 by the next save (the first save pays the allocation; later ones only copy).
@@ -53,6 +58,7 @@ from megatron_aquila.training_state import TrainerParts, TrainingState
 logger = logging.getLogger("megatron_aquila")
 
 ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
+STAGING_DIR = re.compile(r"^iter_(\d{7})\.tmp$")
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -103,6 +109,32 @@ def apply_retention(root: Path, keep_last: int) -> list[Path]:
         _fsync_dir(root)
         logger.info(f"checkpoint.keep_last {keep_last}: deleted {', '.join(p.name for p in doomed)}")
     return doomed
+
+
+def remove_stale_staging(root: Path, completed: int) -> list[Path]:
+    """Delete the ``iter_*.tmp`` directories of iterations before ``completed`` (failed earlier saves).
+
+    A ``.tmp`` of a later iteration is left alone: it may be a save still being written.
+    """
+    stale = sorted(entry for entry in root.iterdir()
+                   if (match := STAGING_DIR.match(entry.name)) and int(match.group(1)) < completed)
+    for path in stale:
+        shutil.rmtree(path)
+    if stale:
+        _fsync_dir(root)
+        logger.info(f"deleted {', '.join(p.name for p in stale)}: left by failed saves before iteration {completed}")
+    return stale
+
+
+def writer_executor(device: torch.device) -> ThreadPoolExecutor:
+    """The background writer: one thread, bound to ``device`` when it is a GPU (module docstring)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
+                              initializer=_bind_writer_thread, initargs=(device,))
+
+
+def _bind_writer_thread(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def _stage_to_host(values: dict[str, Any], pin_memory: bool, previous: dict[str, Any]) -> dict[str, Any]:
@@ -163,7 +195,7 @@ class CheckpointSaver:
         self._staged = staged
         group = self._checkpoint_group()
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+            self._executor = writer_executor(self.ctx.device)
         future = self._executor.submit(self._write, staged, staging, final, meta, group)
         self._pending = (future, final)
         logger.info(f"checkpoint {final} staged in host memory; writing in the background")
@@ -190,7 +222,7 @@ class CheckpointSaver:
     # ------------------------------------------------------------------ steps
     def _write(self, values: dict[str, Any], staging: Path, final: Path, meta: Optional[dict],
                group: Optional[dist.ProcessGroup]) -> None:
-        """Steps 1-4 of the module docstring (rank 0 does 2-4 once every rank's shards are written)."""
+        """Steps 1-5 of the module docstring (rank 0 does 2-5 once every rank's shards are written)."""
         dcp.save(values, checkpoint_id=str(staging), planner=BoxesSavePlanner(), process_group=group,
                  no_dist=not dist.is_initialized())
         if meta is None:
@@ -208,6 +240,7 @@ class CheckpointSaver:
             shutil.rmtree(replaced)
         if self.config.checkpoint.keep_last is not None:
             apply_retention(final.parent, self.config.checkpoint.keep_last)
+        remove_stale_staging(final.parent, meta["iteration"])
 
     def _refuse_non_finite(self, parts: TrainerParts, state: TrainingState) -> None:
         """Never store NaN/Inf weights: check every rank's parameters, agree over the world."""
