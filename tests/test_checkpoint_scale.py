@@ -115,14 +115,18 @@ def _zero1_bytes_worker(rank: int, world_size: int, save_dir: str) -> dict:
 
 
 def test_zero1_save_and_load_hand_dcp_only_the_local_shard(tmp_path):
-    """ZeRO-1 DP2: each rank hands DCP its parameters and exactly its optimizer shard, as views."""
+    """ZeRO-1 DP2: each rank hands DCP exactly its optimizer shard and its share of the replicated
+    parameters (each written by one rank, balanced by bytes), as views; a load reads every parameter."""
     results = run_distributed(_zero1_bytes_worker, 2, (str(tmp_path / "ckpt"),))
+    model_bytes = 4 * results[0]["param_elements"]
     for rank, result in enumerate(results):
         owned_optimizer_bytes = 3 * 4 * result["shard_elements"]        # master, exp_avg, exp_avg_sq in fp32
         assert result["saved"]["optim"] == owned_optimizer_bytes, (rank, result)
         assert result["loaded"]["optim"] == owned_optimizer_bytes, (rank, result)
-        assert result["saved"]["model"] == result["loaded"]["model"] == 4 * result["param_elements"], (rank, result)
+        assert result["loaded"]["model"] == model_bytes, (rank, result)
+        assert 0.3 * model_bytes < result["saved"]["model"] < 0.7 * model_bytes, (rank, result)  # balanced
         assert result["same"], f"rank {rank}: resumed parameters differ from the saved ones"
+    assert sum(r["saved"]["model"] for r in results) == model_bytes, "each parameter is written exactly once"
     total = sum(r["shard_elements"] for r in results)
     assert total == results[0]["param_elements"], "the DP shards partition the model"
     # A checkpoint missing one rank's shard file fails with the file's name, before DCP reads anything.

@@ -179,10 +179,9 @@ class CheckpointSaver:
         self._barrier()
         self._refuse_non_finite(parts, state)
         step = ckpt_state.adam_step(parts.optimizer, self.ctx)
-        values: dict[str, Any] = {}
         lora = self.config.finetune.lora is not None  # adapters only; the base weights are referred to
-        values.update(ckpt_state.model_state(parts.model_chunks, self.ctx, trainable_only=lora))
-        values.update(ckpt_state.optimizer_state(parts.optimizer, self.ctx, with_moments=step > 0))
+        values = ckpt_state.owned_save_state(parts.model_chunks, parts.optimizer, self.ctx, trainable_only=lora,
+                                             with_moments=step > 0)  # each replicated piece from one rank
         values.update(ckpt_state.rng_state(parts.model_chunks, self.ctx.rank))
         meta = self._meta(parts, state, step) if self.ctx.rank == 0 else None
         if not self.config.checkpoint.async_save:

@@ -125,6 +125,51 @@ def refresh_masters(optimizer: MixedPrecisionOptimizer) -> None:
             piece.master.copy_(piece.param.detach().reshape(-1)[piece.lo:piece.hi].view_as(piece.master))
 
 
+# ---------------------------------------------------------------------------------- what a rank writes
+def _writer_of(names_and_sizes: list[tuple[str, int]], writers: int) -> dict[str, int]:
+    """Each name's writer in ``range(writers)``: largest first to the least-loaded writer (ties: lowest
+    index), a pure function of the list, so every replica computes the same assignment alone."""
+    load = [0] * writers
+    owner = {}
+    for name, size in sorted(names_and_sizes, key=lambda item: (-item[1], item[0])):
+        writer = min(range(writers), key=lambda index: (load[index], index))
+        owner[name] = writer
+        load[writer] += size
+    return owner
+
+
+def owned_save_state(model_chunks: list[nn.Module], optimizer: MixedPrecisionOptimizer, ctx: ParallelContext,
+                     trainable_only: bool, with_moments: bool) -> dict[str, ShardedBoxes]:
+    """The model and optimizer pieces of a checkpoint this rank writes: every chunk exactly once.
+
+    ``model_state`` and ``optimizer_state`` hand the checkpoint library every piece a rank holds, and
+    the DP x CP replicas (and the TP replicas of the RMSNorm weights) hold identical ones, which DCP
+    would keep once after gathering every plan. Choosing the writer here instead means an async save
+    stages in host memory only what the rank writes: a replicated tensor's writer among the
+    ``dp_cp`` replicas is ``_writer_of`` (balanced by bytes), and only TP rank 0 writes a tensor
+    replicated over TP. ZeRO-1 optimizer pieces are already this rank's alone. Loading still reads
+    into every piece a rank holds (``model_state``/``optimizer_state``).
+    """
+    params = named_parameters(model_chunks)
+    saved = {name: p for name, p in params.items() if p.requires_grad or not trainable_only}
+    owner = _writer_of([(name, p.numel()) for name, p in saved.items()], ctx.dp_cp_size)
+
+    def writes(name: str, replicated_over_dp: bool) -> bool:
+        param = params[name]
+        if not getattr(param, "tensor_model_parallel", False) and ctx.tp_rank != 0:
+            return False
+        return not replicated_over_dp or owner[name] == ctx.dp_cp_rank
+
+    values = {key: value for key, value in model_state(model_chunks, ctx, trainable_only).items()
+                              if writes(key[len("model."):], True)}
+    sharded_optimizer = optimizer.kind == "distributed"
+    for key, value in optimizer_state(optimizer, ctx, with_moments).items():
+        name = key.split(".", 2)[2]  # optim.{master|exp_avg|exp_avg_sq}.{name}
+        if writes(name, not sharded_optimizer):
+            values[key] = value
+    return values
+
+
 # ---------------------------------------------------------------------------------- RNG
 def rng_state(model_chunks: list[nn.Module], rank: int) -> dict[str, torch.Tensor]:
     """This rank's generators as tensors under ``rng.rank{rank}.*`` (no pickled objects)."""

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from megatron_aquila.config import ModelConfig
-from megatron_aquila.model.kernels import KernelChoice, build_attention, build_rms_norm, choose_kernels
+from megatron_aquila.model.kernels import DocumentMask, KernelChoice, build_attention, build_rms_norm, choose_kernels
 from megatron_aquila.model.rope import RotaryEmbedding
 from megatron_aquila.model.transformer import (
     RECOMPUTE_MODES,
@@ -137,19 +137,19 @@ class AquilaModel(nn.Module):
                 full = full.narrow(param.partition_dim, self.ctx.tp_rank * local, local)
             param.copy_(full)
 
-    def _documents(self, position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query documents [b, s], key documents [b, S]) of packed sequences: a document starts
-        wherever the position id is 0 (data/sft_dataset.py); under context parallelism the keys are
-        the whole sequence's, from the CP group's position ids."""
+    def _documents(self, position_ids: torch.Tensor | None) -> DocumentMask:
+        """The micro-batch's document mask: a document starts wherever the position id is 0
+        (data/sft_dataset.py); under context parallelism the keys are the whole sequence's, from the
+        CP group's position ids, and the queries this rank's chunks."""
         if position_ids is None:
             raise ValueError("per-document attention (data.sft) needs position_ids [b, s]: they mark the documents")
         if self.ctx.cp_size == 1:
             documents = (position_ids == 0).cumsum(dim=1)  # [b, s]
-            return documents, documents
+            return DocumentMask(documents, documents, torch.arange(documents.shape[1], device=documents.device))
         full = gather_positions(position_ids, self.ctx.cp_group)  # [b, S]
         key_documents = (full == 0).cumsum(dim=1)
         local = local_token_indices(full.shape[1], self.ctx.cp_rank, self.ctx.cp_size).to(full.device)
-        return key_documents.index_select(1, local), key_documents
+        return DocumentMask(key_documents.index_select(1, local), key_documents, local)
 
     def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, hidden_states: torch.Tensor | None = None) -> torch.Tensor:

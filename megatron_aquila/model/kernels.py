@@ -9,10 +9,10 @@ Attention kernels share one signature: (q [sq, b, n, d], k and v [sk, b, g, d] (
 unit last stride; n a multiple of g, query head i uses kv head i // (n/g); sq <= sk), training,
 segments) -> [sq, b, n*d]. The causal mask is aligned to the bottom right: query row i sees keys
 j <= i + sk - sq (plain causal attention when sq == sk; the chunk-against-prefix attention of context
-parallelism, ``parallel/context_parallel.py``, when sq < sk). ``segments``, when given, is
-(query documents [b, sq], key documents [b, sk]) int64: query i also needs the same document as key j
-(packed SFT sequences, docs/design.md section 12). Only torch SDPA takes segments here (a boolean
-block-diagonal causal mask); ``choose_kernels`` keeps the others out when documents are masked.
+parallelism, ``parallel/context_parallel.py``, when sq < sk). ``segments``, when given, is a
+``DocumentMask``: query i also needs the same document as key j (packed SFT sequences, docs/design.md
+section 12). Only torch SDPA takes segments here (a dense block-diagonal causal mask, built once per
+micro-batch and shared by every layer); ``choose_kernels`` keeps the others out when documents are masked.
 The dropout rate is fixed when a kernel is built; ``training`` (the calling module's flag) decides at
 every call whether it applies, so ``model.eval()`` switches attention dropout off on every backend.
 RMSNorm kernels: (x [..., h], weight [h], eps) -> [..., h] in x's dtype.
@@ -26,8 +26,55 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-Segments = Optional[tuple[torch.Tensor, torch.Tensor]]  # (query documents [b, sq], key documents [b, sk])
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout through ``torch.native_dropout``, the op CUDA's ``F.dropout`` runs: it keeps a
+    boolean mask for backward on every device (the CPU's ``F.dropout`` keeps a mask in x's dtype instead), so
+    a CPU run and the dry run hold what a GPU run holds. Same random draws and values as ``F.dropout``."""
+    return torch.native_dropout(x, p, True)[0]
+
+
+class DocumentMask:
+    """Causal attention within documents of packed sequences, for one micro-batch.
+
+    Query i (global position ``query_positions[i]`` in the key sequence) sees key j when
+    j <= query_positions[i] and ``query_documents[:, i] == key_documents[:, j]``. ``dense`` builds the
+    [b, 1, sq, sk] mask on first use and caches it: the model makes one ``DocumentMask`` per
+    micro-batch and every layer (and every context-parallel chunk, through ``chunk``) reads the same
+    tensor, so the kernels' saved references to it cost one mask per micro-batch, not one per layer.
+    """
+
+    def __init__(self, query_documents: torch.Tensor, key_documents: torch.Tensor, query_positions: torch.Tensor):
+        self.query_documents = query_documents  # [b, sq] int64
+        self.key_documents = key_documents      # [b, sk] int64
+        self.query_positions = query_positions  # [sq] int64, position of each query among the keys
+        self._dense: dict[Optional[torch.dtype], torch.Tensor] = {}
+        self._rows, self._keys = slice(None), slice(None)
+        self._parent: Optional[DocumentMask] = None
+
+    def chunk(self, rows: slice, keys_end: int) -> "DocumentMask":
+        """The queries ``rows`` against the key prefix ``[0, keys_end)``, sharing this mask's cache."""
+        view = DocumentMask(self.query_documents[:, rows], self.key_documents[:, :keys_end],
+                            self.query_positions[rows])
+        view._parent, view._rows, view._keys = self, rows, slice(0, keys_end)
+        return view
+
+    def dense(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """[b, 1, sq, sk]: boolean (True = attend) for ``dtype`` None, else additive (0 or -inf) in ``dtype``."""
+        if self._parent is not None:
+            return self._parent.dense(dtype)[:, :, self._rows, self._keys]
+        if dtype not in self._dense:
+            keys = torch.arange(self.key_documents.shape[1], device=self.key_documents.device)
+            causal = keys[None, :] <= self.query_positions[:, None]  # [sq, sk]
+            same = self.query_documents[:, :, None] == self.key_documents[:, None, :]  # [b, sq, sk]
+            allowed = (same & causal).unsqueeze(1)  # [b, 1, sq, sk]
+            self._dense[dtype] = allowed if dtype is None else torch.zeros(
+                allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        return self._dense[dtype]
+
+
+Segments = Optional[DocumentMask]
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, Segments], torch.Tensor]
+SdpaFn = Callable[..., torch.Tensor]  # torch.nn.functional.scaled_dot_product_attention's signature
 NormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
@@ -117,45 +164,76 @@ def choose_kernels(backend: str, device: torch.device | str, dtype: torch.dtype,
     return _BACKEND_KERNELS[backend]
 
 
-def _torch_sdpa(dropout_p: float) -> AttentionFn:
+def _torch_sdpa(dropout_p: float, on_cuda: Optional[bool] = None,
+                sdpa: SdpaFn = F.scaled_dot_product_attention) -> AttentionFn:
+    """torch SDPA. ``on_cuda`` None: decide CUDA's layout from the tensors; the dry run sets it (and
+    passes a stand-in ``sdpa`` with CUDA's kernel choice) to run CUDA's code path on fake CPU tensors."""
     from torch.nn.attention.bias import causal_lower_right
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool,
                segments: Segments = None) -> torch.Tensor:
         s, b, n, d = q.shape
+        cuda = q.is_cuda if on_cuda is None else on_cuda
         gqa = k.shape[2] != n
-        if segments is not None:  # causal (bottom-right) and the same document: [b, 1, sq, sk] boolean
-            causal = torch.ones(s, k.shape[0], dtype=torch.bool, device=q.device).tril(k.shape[0] - s)
-            same = segments[0][:, :, None] == segments[1][:, None, :]  # [b, sq, sk]
-            mask = dict(attn_mask=(same & causal).unsqueeze(1))
+        if segments is not None:
+            # Causal (bottom-right) within documents. On CUDA an additive mask in the model dtype, the
+            # form the fused kernel uses: SDPA would otherwise convert the boolean mask in every layer.
+            mask = dict(attn_mask=segments.dense(q.dtype if cuda else None))  # [b, 1, sq, sk]
         elif k.shape[0] == s:  # square: is_causal
             mask = dict(is_causal=True)
-        else:  # queries of a suffix of the keys: the lower-right causal bias (fused on GPU, no mask tensor)
+        else:  # queries of a suffix of the keys: the lower-right causal bias (flash on GPU, GQA native)
             mask = dict(attn_mask=causal_lower_right(s, k.shape[0]))
         # [s, b, heads, d] -> [b, heads, s, d] as strided views; the output keeps q's memory order.
         keys, values = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, g, sk, d]
-        if gqa and "attn_mask" in mask and q.is_cuda:
-            # CUDA's fused kernel for masks (memory-efficient attention) takes no GQA: without this
-            # copy of K and V per query head, SDPA would fall back to its math path and keep the
+        if gqa and segments is not None and cuda:
+            # CUDA's fused kernel for a mask tensor (memory-efficient attention) takes no GQA: without
+            # this copy of K and V per query head SDPA would fall back to its math path and keep the
             # [b, n, sq, sk] probabilities. Query head i reads kv head i // (n/g), as enable_gqa does.
             keys, values = (x.repeat_interleave(n // k.shape[2], dim=1) for x in (keys, values))  # [b, n, sk, d]
             gqa = False
-        out = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), keys, values,
-                                             dropout_p=dropout_p if training else 0.0, enable_gqa=gqa, **mask)
+        out = sdpa(q.permute(1, 2, 0, 3), keys, values, dropout_p=dropout_p if training else 0.0,
+                   enable_gqa=gqa, **mask)
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)  # [s, b, n*d]
     return attend
 
 
-def _flash_attn(dropout_p: float) -> AttentionFn:
-    from flash_attn import flash_attn_func  # GPU only, imported when chosen
+def _require_flash_attn(version: str, needed: tuple[int, ...], purpose: str) -> None:
+    """Raise unless flash-attn ``version`` ("2.5.8", "2.1.0+cu121", "2.6.3.post1") is at least ``needed``."""
+    found = []
+    for part in version.split("+")[0].split("."):
+        if not part.isdigit():
+            break
+        found.append(int(part))
+    if tuple(found) < needed:
+        raise RuntimeError(f"{purpose} needs flash-attn >= {'.'.join(map(str, needed))}, but flash-attn {version} is "
+                           "installed: upgrade flash-attn, or set model.kernels=torch")
+
+
+def _flash_attn(dropout_p: float, kernel: Optional[Callable[..., torch.Tensor]] = None,
+                version: Optional[str] = None) -> AttentionFn:
+    """flash-attn's ``flash_attn_func`` (imported here, GPU only), or ``kernel`` of its ``version`` (the dry
+    run's stand-in with the CUDA kernel's memory)."""
+    if kernel is None:
+        import flash_attn  # GPU only, imported when chosen
+        from flash_attn import flash_attn_func as kernel
+
+        version = str(getattr(flash_attn, "__version__", "unknown"))
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool,
                segments: Segments = None) -> torch.Tensor:
         assert segments is None, "choose_kernels keeps flash-attn out of per-document attention"
         s, b, n, d = q.shape
-        # causal=True is aligned to the bottom right when sq < sk (flash-attn >= 2.1).
-        out = flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                              dropout_p=dropout_p if training else 0.0, causal=True)  # [b, s, n, d], GQA native
+        if s < k.shape[0]:  # causal=True is aligned to the bottom right when sq < sk only from flash-attn 2.1 on
+            _require_flash_attn(version, (2, 1), f"attention of {s} queries to {k.shape[0]} keys (context "
+                                                 "parallelism: a causal mask aligned to the bottom right)")
+        # Deterministic backward (no atomic adds of dQ) when torch is asked for deterministic algorithms.
+        # False is flash_attn_func's default, and older versions lack the keyword: pass it only when set.
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        if deterministic:
+            _require_flash_attn(version, (2, 4, 1), "a deterministic backward (torch.use_deterministic_algorithms)")
+        out = kernel(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                     dropout_p=dropout_p if training else 0.0, causal=True,
+                     **({"deterministic": True} if deterministic else {}))  # [b, s, n, d], GQA native
         return out.transpose(0, 1).reshape(s, b, n * d)
     return attend
 

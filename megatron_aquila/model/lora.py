@@ -61,6 +61,7 @@ from megatron_aquila.checkpoint.hf_mapping import (
 )
 from megatron_aquila.config import LORA_TARGET_NAMES, LoraConfig, ModelConfig
 from megatron_aquila.model.aquila import AquilaModel, parameter_seed
+from megatron_aquila.model.kernels import dropout
 from megatron_aquila.parallel.context import ProcessGroup, group_rank, group_size
 from megatron_aquila.parallel.layers import (
     ColumnParallelLinear,
@@ -227,7 +228,7 @@ def _lora_input(layer: nn.Module, x: torch.Tensor, stream: str) -> torch.Tensor:
     if layer.lora_dropout == 0 or not layer.training:
         return x
     with layer.lora_rng.fork(stream):
-        return F.dropout(x, layer.lora_dropout)
+        return dropout(x, layer.lora_dropout)
 
 
 class LoraColumnParallelLinear(ColumnParallelLinear):

@@ -15,6 +15,9 @@ m (so q.k by m^2). Notation: s = ``rope_scaling_factor`` (>= 1), L = ``rope_orig
 - dynamic (dynamic NTK): for n positions, n' = max(n, L) and a new base
   b' = b * (s n' / L - (s - 1))^(d / (d - 2)); theta'_i = b'^(-2i/d). Plain RoPE while n <= L.
   n is max(position_ids) + 1 (the sequence length without position ids), read as transformers does.
+  With position ids, n stays on the device: the angles are computed from it in every forward
+  (fp64, [s, b, d/2]), so there is no host sync and no table per distinct n (packed batches have
+  many); under context parallelism n is the maximum over the CP group (one all-reduce MAX).
 - yarn (Peng et al. 2023): r(k) = d ln(L / (2 pi k)) / (2 ln b) is the pair that turns k times in L
   positions. lo = r(beta_fast), hi = r(beta_slow), floored / ceiled when ``rope_yarn_truncate``,
   then lo = max(lo, 0), hi = min(hi, d - 1) (d, not d/2: transformers' bound), hi += 0.001 if lo == hi.
@@ -87,6 +90,15 @@ def _llama3(config: ModelConfig, theta: torch.Tensor) -> tuple[torch.Tensor, flo
     return torch.where(wavelength < original / high, theta, scaled), 1.0
 
 
+def _dynamic_frequencies(config: ModelConfig, positions: torch.Tensor) -> torch.Tensor:
+    """Dynamic NTK's theta' [d/2] fp64 for n = ``positions`` (a one-element tensor, on any device)."""
+    d, base, factor = config.head_dim, config.rope_base, config.rope_scaling_factor
+    original = config.rope_original_max_positions
+    scaled = positions.to(torch.float64).clamp(min=original)  # n' = max(n, L)
+    scaled_base = base * (factor * scaled / original - (factor - 1)) ** (d / (d - 2))  # [1]
+    return scaled_base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=positions.device) / d)
+
+
 def rope_frequencies(config: ModelConfig, positions: int) -> tuple[torch.Tensor, float]:
     """(theta' [d/2] fp64, attention factor m) of ``config.rope_scaling`` (module docstring).
 
@@ -94,16 +106,13 @@ def rope_frequencies(config: ModelConfig, positions: int) -> tuple[torch.Tensor,
     """
     d, base = config.head_dim, config.rope_base
     theta = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # [d/2]
-    kind, factor, original = config.rope_scaling, config.rope_scaling_factor, config.rope_original_max_positions
+    kind, factor = config.rope_scaling, config.rope_scaling_factor
     if kind == "none":
         return theta, 1.0
     if kind == "linear":
         return theta / factor, 1.0
     if kind == "dynamic":
-        if positions <= original:
-            return theta, 1.0
-        scaled_base = base * (factor * positions / original - (factor - 1)) ** (d / (d - 2))
-        return scaled_base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d), 1.0
+        return _dynamic_frequencies(config, torch.tensor([positions])), 1.0
     if kind == "yarn":
         return _yarn(config, theta)
     if kind == "llama3":
@@ -112,9 +121,12 @@ def rope_frequencies(config: ModelConfig, positions: int) -> tuple[torch.Tensor,
 
 
 class RotaryEmbedding:
-    """cos/sin tables (times the attention factor m) of ``config``'s RoPE, fp32, cached per
-    (length, dynamic n, device); the maths is in the module docstring.
+    """cos/sin tables (times the attention factor m) of ``config``'s RoPE, fp32; the maths is in the
+    module docstring.
 
+    Tables are cached per (length, device): one per chunk length, never more (the model's lengths
+    are fixed). Dynamic NTK with position ids is the exception: its frequencies depend on the batch,
+    so its angles are computed on the device in every forward and nothing is cached.
     ``cp_group``: under context parallelism each rank sees only its chunks' position ids, so dynamic
     NTK's n is their maximum over the CP group (one all-reduce MAX per forward, dynamic only).
     """
@@ -123,39 +135,36 @@ class RotaryEmbedding:
         self.config = config
         self.cp_group = cp_group
         self.max_positions = config.seq_length
-        self._cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _scaled_positions(self, seq_len: int, position_ids: torch.Tensor | None) -> int:
-        """Dynamic NTK's n' = max(n, L), with n = max(position_ids) + 1 (one device sync) or ``seq_len``;
-        0 for the other types, whose tables do not depend on it."""
-        if self.config.rope_scaling != "dynamic":
-            return 0
-        if position_ids is None:
-            positions = seq_len
-        else:
-            largest = position_ids.max().reshape(1)
-            if self.cp_group is not None:
-                dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.cp_group)
-            positions = int(largest.item()) + 1
-        return max(positions, self.config.rope_original_max_positions)
-
-    def _tables(self, length: int, scaled_positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (length, scaled_positions, device)
+    def _tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, d/2] for positions 0..length-1 (dynamic: n = max(length, L))."""
+        key = (length, device)
         if key not in self._cache:
-            inv_freq, attention = rope_frequencies(self.config, scaled_positions)
+            inv_freq, attention = rope_frequencies(self.config, length)
             angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # [length, d/2]
             self._cache[key] = ((angles.cos() * attention).float().to(device),
                                 (angles.sin() * attention).float().to(device))
         return self._cache[key]
 
+    def _dynamic_angles(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """[s, b, d/2] fp64 angles of dynamic NTK for n = max(position_ids) + 1, on the device."""
+        largest = position_ids.max().reshape(1)
+        if self.cp_group is not None:
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.cp_group)
+        inv_freq = _dynamic_frequencies(self.config, largest + 1)  # [d/2]
+        return position_ids.t().to(torch.float64).unsqueeze(-1) * inv_freq  # [s, b, d/2]
+
     def __call__(self, seq_len: int, position_ids: torch.Tensor | None,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [s, 1, 1, d/2] (or [s, b, 1, d/2] for position_ids [b, s]), fp32."""
-        scaled_positions = self._scaled_positions(seq_len, position_ids)
         if position_ids is None:
-            cos, sin = self._tables(seq_len, scaled_positions, device)
+            cos, sin = self._tables(seq_len, device)
             return cos[:, None, None, :], sin[:, None, None, :]
-        cos, sin = self._tables(max(seq_len, self.max_positions), scaled_positions, device)
+        if self.config.rope_scaling == "dynamic":
+            angles = self._dynamic_angles(position_ids)
+            return angles.cos().float().unsqueeze(2), angles.sin().float().unsqueeze(2)
+        cos, sin = self._tables(max(seq_len, self.max_positions), device)
         ids = position_ids.t()  # [s, b]
         return cos[ids].unsqueeze(2), sin[ids].unsqueeze(2)
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_aquila.config import ModelConfig
-from megatron_aquila.model.kernels import AttentionFn, NormFn, Segments
+from megatron_aquila.model.kernels import AttentionFn, NormFn, Segments, dropout
 from megatron_aquila.model.rope import apply_rotary
 from megatron_aquila.parallel.context import ProcessGroup, group_size
 from megatron_aquila.parallel.context_parallel import context_parallel_attention
@@ -34,7 +34,7 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 
 def hidden_dropout(x: torch.Tensor, p: float, training: bool, rng: RNGStatesTracker,
                    sequence_parallel: bool) -> torch.Tensor:
-    """``F.dropout(x, p)`` in training, ``x`` otherwise (embedding output and both residual branches).
+    """``dropout(x, p)`` (model/kernels.py) in training, ``x`` otherwise (embedding output and both residual branches).
 
     The mask comes from the tracker's model-parallel stream for sequence-parallel shards (they differ
     across TP ranks) and from its data-parallel stream for replicated activations (every TP rank must
@@ -43,7 +43,7 @@ def hidden_dropout(x: torch.Tensor, p: float, training: bool, rng: RNGStatesTrac
     if p == 0 or not training:
         return x
     with rng.fork(MODEL_PARALLEL if sequence_parallel else DATA_PARALLEL):
-        return F.dropout(x, p)
+        return dropout(x, p)
 
 
 def _checkpoint(fn: Callable, tracker: RNGStatesTracker, *args: torch.Tensor) -> torch.Tensor:
@@ -114,10 +114,8 @@ class Attention(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
         return self.core(q, k, v, self.training, segments)  # [sq, b, n/tp * d]
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              query_documents: torch.Tensor | None, key_documents: torch.Tensor | None) -> torch.Tensor:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
         fork = self.rng.fork(MODEL_PARALLEL) if self.dropout > 0 and self.training else contextlib.nullcontext()
-        segments = None if query_documents is None else (query_documents, key_documents)
         with fork:
             if self.cp_group is not None:
                 return context_parallel_attention(self._attend, q, k, v, self.cp_group, segments)  # [s, b, n/tp*d]
@@ -132,11 +130,10 @@ class Attention(nn.Module):
         k = apply_rotary(qkv[:, :, :, self.heads_per_group], cos, sin, self.interleaved)  # [s, b, g/tp, d]
         # A copy: attention saves v, and a strided view would keep the whole fused QKV output alive.
         v = qkv[:, :, :, self.heads_per_group + 1].contiguous()  # [s, b, g/tp, d]
-        documents = (None, None) if segments is None else segments  # [b, s] query, [b, S] key documents
         if self.selective_recompute and torch.is_grad_enabled():
-            context = _checkpoint(self._core, self.rng, q, k, v, *documents)
+            context = _checkpoint(self._core, self.rng, q, k, v, segments)
         else:
-            context = self._core(q, k, v, *documents)
+            context = self._core(q, k, v, segments)
         return self.dense(context)  # [s, b, h] ([s/tp, b, h] under SP)
 
 
@@ -214,18 +211,15 @@ class TransformerBlock(nn.Module):
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return hidden_dropout(x, self.hidden_dropout, self.training, self.rng, self.sequence_parallel)
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 query_documents: torch.Tensor | None, key_documents: torch.Tensor | None) -> torch.Tensor:
-        segments = None if query_documents is None else (query_documents, key_documents)
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments) -> torch.Tensor:
         x = x + self._dropout(self.attention(self.input_norm(x), cos, sin, segments))  # [s, b, h]
         return x + self._dropout(self.mlp(self.post_attention_norm(x)))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments = None) -> torch.Tensor:
-        """``segments``: (query documents [b, s], key documents [b, S]) for per-document attention, or None."""
-        documents = (None, None) if segments is None else segments
+        """``segments``: the micro-batch's ``DocumentMask`` for per-document attention, or None."""
         if self.full_recompute and torch.is_grad_enabled():
-            return _checkpoint(self._forward, self.rng, x, cos, sin, *documents)
-        return self._forward(x, cos, sin, *documents)
+            return _checkpoint(self._forward, self.rng, x, cos, sin, segments)
+        return self._forward(x, cos, sin, segments)
 
 
 def scaled_init_std(init_std: float, num_layers: int) -> float:

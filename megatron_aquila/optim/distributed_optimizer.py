@@ -29,6 +29,11 @@ from megatron_aquila.parallel.context import ProcessGroup
 from megatron_aquila.parallel.data_parallel import DataParallelGradBuffer
 
 
+# All-gathers of updated buckets in flight at once in ``_publish``: one runs while the previous bucket is
+# copied into the parameters, and at most this many bucket-sized buffers exist (not a copy of the model).
+GATHERS_IN_FLIGHT = 2
+
+
 class DistributedOptimizer(MixedPrecisionOptimizer):
     kind = "distributed"
 
@@ -57,9 +62,11 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         pieces_by_chunk: list[list[MasterPiece]] = [[] for _ in self.grad_buffers]
         for piece in self.pieces:
             pieces_by_chunk[piece.chunk].append(piece)
-        pending = []
+        pending: list = []
         for buffer, pieces in zip(self.grad_buffers, pieces_by_chunk):
             for bucket in buffer.buckets:
+                if len(pending) == GATHERS_IN_FLIGHT:  # bound the gathered copies alive at once
+                    self._copy_gathered(*pending.pop(0))
                 dtypes = {p.dtype for p in bucket.params}
                 if len(dtypes) != 1:
                     raise TypeError(f"grad bucket {bucket.index} mixes parameter dtypes {sorted(map(str, dtypes))}; "
@@ -73,8 +80,13 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
                 local = gathered[shard_start - bucket.start:shard_end - bucket.start]  # [bucket / dp], a view
                 work = all_gather_single(gathered, local, group=dp_group, async_op=True)
                 pending.append((work, buffer, bucket, gathered))
-        for work, buffer, bucket, gathered in pending:
-            work.wait()
-            for param in bucket.params:
-                start, end = buffer.range_of(param)
-                param.data.copy_(gathered[start - bucket.start:end - bucket.start].view_as(param))
+        for entry in pending:
+            self._copy_gathered(*entry)
+
+    @staticmethod
+    def _copy_gathered(work, buffer: DataParallelGradBuffer, bucket, gathered: torch.Tensor) -> None:
+        """Wait for one bucket's all-gather and copy it into the parameters."""
+        work.wait()
+        for param in bucket.params:
+            start, end = buffer.range_of(param)
+            param.data.copy_(gathered[start - bucket.start:end - bucket.start].view_as(param))

@@ -36,10 +36,12 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_aquila.model.kernels import DocumentMask
+
 from megatron_aquila.parallel.collectives import all_gather_single, reduce_scatter_single
 from megatron_aquila.parallel.context import ProcessGroup, group_rank, group_size
 
-AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[tuple]], torch.Tensor]
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[DocumentMask]], torch.Tensor]
 
 
 def chunk_ids(cp_rank: int, cp_size: int) -> tuple[int, int]:
@@ -117,14 +119,13 @@ def gather_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 
 
 def context_parallel_attention(attend: AttendFn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               group: ProcessGroup, segments: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-                               ) -> torch.Tensor:
+                               group: ProcessGroup, segments: Optional[DocumentMask] = None) -> torch.Tensor:
     """Causal attention of this rank's queries over the whole sequence (module docstring).
 
     q [2c, b, n/tp, d], k and v [2c, b, g/tp, d]: this rank's two chunks. ``attend(q, k, v, segments)``
     is an attention kernel with the causal mask aligned to the bottom right (``model/kernels.py``).
-    ``segments``: (this rank's query documents [b, 2c], the whole sequence's key documents [b, S])
-    for per-document attention, or None. Returns [2c, b, n/tp * d].
+    ``segments``: the ``DocumentMask`` of this rank's queries against the whole sequence's keys, for
+    per-document attention, or None; each chunk attends through a view of it. Returns [2c, b, n/tp * d].
     """
     cp, rank = group_size(group), group_rank(group)
     chunk = q.shape[0] // 2
@@ -133,7 +134,7 @@ def context_parallel_attention(attend: AttendFn, q: torch.Tensor, k: torch.Tenso
     for half, chunk_id in enumerate(chunk_ids(rank, cp)):
         end = (chunk_id + 1) * chunk
         rows = slice(half * chunk, (half + 1) * chunk)
-        chunk_segments = None if segments is None else (segments[0][:, rows], segments[1][:, :end])
+        chunk_segments = None if segments is None else segments.chunk(rows, end)
         outputs.append(attend(q[rows], keys[:end], values[:end], chunk_segments))  # [c, b, n/tp*d]
     return torch.cat(outputs)  # [2c, b, n/tp * d]
 

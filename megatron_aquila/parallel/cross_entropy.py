@@ -25,12 +25,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         tp = group_size(group)
         local_vocab = logits.shape[-1]
         start = group_rank(group) * local_vocab
-        logits32 = logits.float()  # [..., V/p]
+        logits32 = logits.float()  # [..., V/p]: a copy for fp16/bf16 logits, the logits themselves in fp32
 
         logits_max = logits32.amax(dim=-1)  # [...]
         if tp > 1:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits32 - logits_max.unsqueeze(-1)  # fresh fp32 buffer, reused below
+        # One fp32 [..., V/p] buffer from here on (it becomes the saved softmax): the fp32 copy is
+        # shifted in place; fp32 logits, which the caller owns, are not.
+        if logits32 is logits:
+            shifted = logits32 - logits_max.unsqueeze(-1)
+        else:
+            shifted = logits32.sub_(logits_max.unsqueeze(-1))
 
         outside = (target < start) | (target >= start + local_vocab)
         local_target = (target - start).masked_fill_(outside, 0)

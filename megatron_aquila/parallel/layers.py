@@ -54,13 +54,14 @@ class _SequenceParallelColumnLinear(torch.autograd.Function):
     Forward: X = [X_1; ...; X_p] = all_gather(X_shard) along dim 0, Y = X A_r^T.
     Backward: dA_r = dY^T all_gather(X_shard) (the input is gathered again instead of kept),
     dX_shard = reduce_scatter(dY A_r) along dim 0 (every rank's Y_r depends on the whole X).
-    Saved for backward: X_shard [s/p, b, in], not the gathered [s, b, in].
+    Saved for backward: X_shard [s/p, b, in], not the gathered [s, b, in], and only when A trains (a
+    frozen A, as under LoRA, needs no dA and keeps no input).
     """
 
     @staticmethod
     def forward(ctx, x_shard: torch.Tensor, weight: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         ctx.group = group
-        ctx.save_for_backward(x_shard, weight)
+        ctx.save_for_backward(x_shard if weight.requires_grad else None, weight)
         return F.linear(_all_gather_dim0(x_shard, group), weight)  # [s, b, out/p]
 
     @staticmethod
