@@ -15,7 +15,7 @@ tokens / seq), one optimizer step per iteration, and time ``--iters`` iterations
   state: less memory, no fp32 master).
 Shape (default): hidden 4096, 32 heads (32 kv heads), ffn 11008, vocab 100008 (ours pads it to
 100096), the width of Aquila2-7B, with as many layers as fit both runs in ``--memory-fraction`` of
-the free device memory: ours from the planner's formulas (``megatron_aquila/plan.py``), HF's
+the free device memory: ours from the planner's formulas (``megatron_aquila/memory_model.py``), HF's
 as 18 bytes per parameter under autocast (8 with bf16) plus 2.5x our activations (HF keeps an fp32
 residual stream under autocast and upcasts the logits). The table also shows the planner's
 prediction next to our measured peak. ``--tiny`` is a 2-layer width-128 fp32 model for a CPU.
@@ -42,7 +42,7 @@ from unittest import mock
 
 import torch
 
-from megatron_aquila import plan
+from megatron_aquila import memory_model
 from megatron_aquila.build import build_trainer_parts
 from megatron_aquila.config import Config, load_config
 from megatron_aquila.model.aquila import AquilaModel
@@ -107,8 +107,8 @@ def our_config(shape: Shape, layers: int, seq: int, batch: int, dtype: str, iter
 
 def planned_bytes(config: Config) -> float:
     """The planner's memory for this single-device run: weights, grads, optimizer state, activations."""
-    rank = plan.rank_parameters(config, 1)[0]
-    return plan.rank_memory(config, 1, rank, plan.ActivationShape.from_config(config)).total(False)
+    rank = memory_model.rank_parameters(config, 1)[0]
+    return memory_model.rank_memory(config, 1, rank, memory_model.ActivationShape.from_config(config)).total(False)
 
 
 def fitting_layers(shape: Shape, seqs: list[int], tokens: int, budget: float, hf_precision: str,
@@ -118,8 +118,8 @@ def fitting_layers(shape: Shape, seqs: list[int], tokens: int, budget: float, hf
         worst = 0.0
         for seq in seqs:
             config = our_config(shape, layers, seq, tokens // seq, "bf16", 1)
-            rank = plan.rank_parameters(config, 1)[0]
-            memory = plan.rank_memory(config, 1, rank, plan.ActivationShape.from_config(config))
+            rank = memory_model.rank_parameters(config, 1)[0]
+            memory = memory_model.rank_memory(config, 1, rank, memory_model.ActivationShape.from_config(config))
             hf = HF_STATIC_BYTES_PER_PARAMETER[hf_precision] * rank.total + HF_ACTIVATION_FACTOR * memory.activations
             worst = max(worst, memory.total(False), hf)
         return worst

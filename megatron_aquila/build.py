@@ -16,6 +16,7 @@ from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.model.flops import flops_per_iteration
 from megatron_aquila.model.lora import LoraSettings, adapter_parameters, apply_lora
 from megatron_aquila.optim.build import build_optimizer
+from megatron_aquila.optim.optimizer import MixedPrecisionOptimizer
 from megatron_aquila.optim.lr_schedule import LRScheduler
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.data_parallel import DataParallelGradBuffer
@@ -48,20 +49,35 @@ def build_model_chunks(config: Config, ctx: ParallelContext, device: Optional[to
     ]
 
 
-def build_trainer_parts(config: Config, ctx: ParallelContext) -> tuple[TrainerParts, TrainingState]:
+def build_model_and_optimizer(config: Config, ctx: ParallelContext, initialize: bool = True,
+                              fused_adam: Optional[bool] = None,
+                              ) -> tuple[list[AquilaModel], list[DataParallelGradBuffer], MixedPrecisionOptimizer]:
+    """This rank's model chunks (with LoRA adapters when configured), grad buffers and optimizer.
+
+    The training run and the dry run (``megatron_aquila.dryrun``) both build through here;
+    ``fused_adam`` is the optimizer's ``fused`` (None: fused on CUDA).
+    """
     p, t = config.parallel, config.training
-    torch.manual_seed(t.seed)
     lora = config.finetune.lora
-    overwritten = will_resume(config) or config.checkpoint.init_weights is not None
-    chunks = build_model_chunks(config, ctx, initialize=not overwritten)
+    chunks = build_model_chunks(config, ctx, initialize=initialize)
     if lora is not None:  # before the grad buffers: only the adapters train (model/lora.py)
         for chunk in chunks:
             apply_lora(chunk, LoraSettings.from_config(lora), t.seed)
-    local_params = sum(param.numel() for chunk in chunks for param in chunk.parameters())
-    logger.info(f"{ctx.describe()} | {local_params:,} parameters on this rank | {chunks[0].kernel_description()}")
     buffers = [DataParallelGradBuffer(chunk, ctx, p.grad_bucket_size_mb, p.overlap_grad_reduce, p.distributed_optimizer)
                for chunk in chunks]
-    optimizer = build_optimizer(chunks, buffers, config.optimizer, config.precision, ctx, p.distributed_optimizer)
+    optimizer = build_optimizer(chunks, buffers, config.optimizer, config.precision, ctx, p.distributed_optimizer,
+                                fused=fused_adam)
+    return chunks, buffers, optimizer
+
+
+def build_trainer_parts(config: Config, ctx: ParallelContext) -> tuple[TrainerParts, TrainingState]:
+    t = config.training
+    torch.manual_seed(t.seed)
+    lora = config.finetune.lora
+    overwritten = will_resume(config) or config.checkpoint.init_weights is not None
+    chunks, buffers, optimizer = build_model_and_optimizer(config, ctx, initialize=not overwritten)
+    local_params = sum(param.numel() for chunk in chunks for param in chunk.parameters())
+    logger.info(f"{ctx.describe()} | {local_params:,} parameters on this rank | {chunks[0].kernel_description()}")
     schedule = BatchSchedule(t.global_batch_size, t.micro_batch_size, ctx.dp_size,
                              tuple(t.rampup_batch_size) if t.rampup_batch_size else None)
     iterations = schedule.iterations_for(t.train_samples) if t.train_samples is not None else t.train_iters

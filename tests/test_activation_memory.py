@@ -1,4 +1,4 @@
-"""The planner's activation formula (plan.py) against the tensors autograd really saves.
+"""The planner's activation formula (memory_model.py) against the tensors autograd really saves.
 
 A forward runs under ``torch.autograd.graph.saved_tensors_hooks``; every saved tensor's storage is
 counted once (views of one storage share it: gate and up are halves of the gate_up output) and
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from megatron_aquila import plan
+from megatron_aquila import memory_model
 from megatron_aquila.config import ModelConfig
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.parallel.context import ParallelContext
@@ -67,13 +67,13 @@ def _measure(ctx: ParallelContext, dtype: str, recompute: str, sequence_parallel
 
 def _formula(tp: int, dtype: str, recompute: str, sequence_parallel: bool) -> dict[str, int]:
     config = _model_config(1)
-    shape = plan.ActivationShape(
+    shape = memory_model.ActivationShape(
         seq_length=SEQ, micro_batch=BATCH, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=HIDDEN // HEADS,
         ffn=FFN, padded_vocab=config.padded_vocab_size(tp), tp=tp, sequence_parallel=sequence_parallel and tp > 1,
         recompute=recompute, dtype_bytes=4 if dtype == "fp32" else 2)
-    rest = (plan.embedding_activation_bytes(shape) + plan.head_activation_bytes(shape)
-            + plan.rotary_table_bytes(shape))
-    return {"layer": plan.activation_bytes_per_layer(shape), "rest": rest}
+    rest = (memory_model.embedding_activation_bytes(shape) + memory_model.head_activation_bytes(shape)
+            + memory_model.rotary_table_bytes(shape))
+    return {"layer": memory_model.activation_bytes_per_layer(shape), "rest": rest}
 
 
 CASES = [(dtype, recompute) for dtype in DTYPES for recompute in ("none", "selective", "full")]
@@ -101,14 +101,14 @@ def test_saved_activations_equal_formula_tp2_with_and_without_sequence_parallel(
 def test_formula_against_hand_count_for_aquila2_34b_layer():
     """An independent hand count of one 34B layer (TP4, SP, bf16, micro batch 1, torch RMSNorm)."""
     s, b, h, n, g, d, f, t = 4096, 1, 6144, 48, 8, 128, 24576, 4
-    shape = plan.ActivationShape(seq_length=s, micro_batch=b, hidden=h, heads=n, kv_heads=g, head_dim=d, ffn=f,
+    shape = memory_model.ActivationShape(seq_length=s, micro_batch=b, hidden=h, heads=n, kv_heads=g, head_dim=d, ffn=f,
                                  padded_vocab=100096, tp=t, sequence_parallel=True, recompute="none", dtype_bytes=2)
     norm = (s // t) * b * h * 2 + (s // t) * b * 4                 # bf16 input + fp32 rstd
     shard = (s // t) * b * h * 2                                    # sequence shard input of QKV / gate_up
     q, k, v, out = [s * b * width * 2 for width in (n * d // t, g * d // t, g * d // t, n * d // t)]
     lse = b * (n // t) * s * 4
     mlp = s * b * (2 * f // t) * 2 + s * b * (f // t) * 2           # gate_up output, silu(gate) * up
-    assert plan.activation_bytes_per_layer(shape) == 2 * norm + 2 * shard + q + k + v + out + lse + mlp
+    assert memory_model.activation_bytes_per_layer(shape) == 2 * norm + 2 * shard + q + k + v + out + lse + mlp
 
 
 def _cp_worker(rank: int, world_size: int) -> dict:
@@ -142,14 +142,14 @@ def cpu_mask_bytes(rank: int, cp: int, dtype_bytes: int) -> int:
 
 def test_saved_activations_per_layer_equal_formula_cp2():
     """Under CP2 a layer saves the local tensors of S/2 tokens, plus (without recompute) the gathered
-    K and V of the whole sequence and a second copy of the attention output (plan.py docstring)."""
+    K and V of the whole sequence and a second copy of the attention output (memory_model.py docstring)."""
     per_rank = run_distributed(_cp_worker, world_size=2)
     for rank, measured in enumerate(per_rank):
         for (dtype, recompute), got in measured.items():
             dtype_bytes = 4 if dtype == "fp32" else 2
-            shape = plan.ActivationShape(
+            shape = memory_model.ActivationShape(
                 seq_length=SEQ // 2, micro_batch=BATCH, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS,
                 head_dim=HIDDEN // HEADS, ffn=FFN, padded_vocab=_model_config(1).padded_vocab_size(1), tp=1,
                 sequence_parallel=False, recompute=recompute, dtype_bytes=dtype_bytes, cp=2)
             mask = cpu_mask_bytes(rank, 2, dtype_bytes) if recompute == "none" else 0
-            assert got == plan.activation_bytes_per_layer(shape) + mask, (rank, dtype, recompute, got)
+            assert got == memory_model.activation_bytes_per_layer(shape) + mask, (rank, dtype, recompute, got)

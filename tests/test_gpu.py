@@ -10,7 +10,7 @@
    and must reproduce the uninterrupted losses bit for bit; the checkpoint exported with
    ``tools/convert_checkpoint.py to-hf`` loads in transformers, whose loss on the next iteration's
    batch matches the trainer's.
-3. The planner's predicted peak memory (``megatron_aquila/plan.py``) against
+3. The planner's predicted peak memory (``megatron_aquila/memory_model.py``) against
    ``torch.cuda.max_memory_allocated`` of real training iterations.
 
 The tests print what they measured (``pytest -s`` shows it; tools/gpu_check.sh passes -s).
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from data_fixtures import small_corpus_texts
-from megatron_aquila import plan
+from megatron_aquila import memory_model
 from megatron_aquila.build import build_trainer_parts
 from megatron_aquila.config import ModelConfig, load_config
 from megatron_aquila.data.loader import MockGPTDataset
@@ -112,7 +112,7 @@ def test_cuda_attention_masks_match_cpu():
     with GQA: the lower-right causal bias of a query chunk against its key prefix, and the block-diagonal
     document mask) against fp32 on the CPU; both checked against the rows of plain causal attention.
     On CUDA the calls are restricted to SDPA's fused kernels: they must not fall back to the math path."""
-    from megatron_aquila.model.kernels import build_attention
+    from megatron_aquila.model.kernels import DocumentMask, build_attention
 
     kernel = build_attention("torch-sdpa", 8, 2, 64, 0.0)
     generator = torch.Generator().manual_seed(0)
@@ -129,8 +129,9 @@ def test_cuda_attention_masks_match_cpu():
                                                                          chunk_cpu)}
     positions = torch.cat([torch.arange(100), torch.arange(90), torch.arange(66)]).expand(b, s)  # 3 documents
     documents = (positions == 0).cumsum(dim=1)
-    packed_cpu = _attention(kernel, q, k, v, (documents, documents))
-    packed_gpu = _attention(kernel, *cuda(q, k, v), (documents.cuda(), documents.cuda()))
+    packed_cpu = _attention(kernel, q, k, v, DocumentMask(documents, documents, torch.arange(s)))
+    packed_gpu = _attention(kernel, *cuda(q, k, v),
+                            DocumentMask(documents.cuda(), documents.cuda(), torch.arange(s, device="cuda")))
     alone = _attention(kernel, q[100:190], k[100:190], v[100:190])  # the second document on its own
     assert _relative_error(packed_cpu[0][100:190], alone[0]) < 1e-5, "CPU document mask != the document alone"
     errors.update({f"packed {name}": _relative_error(gpu, cpu)
@@ -255,8 +256,8 @@ def test_planner_predicts_peak_memory():
     device = torch.device("cuda")
     config = load_config(None, MEMORY_OVERRIDES)
     config.validate(1)
-    rank = plan.rank_parameters(config, 1)[0]
-    memory = plan.rank_memory(config, 1, rank, plan.ActivationShape.from_config(config))
+    rank = memory_model.rank_parameters(config, 1)[0]
+    memory = memory_model.rank_memory(config, 1, rank, memory_model.ActivationShape.from_config(config))
     predicted = memory.total(distributed_optimizer=False)
 
     gc.collect()
@@ -285,4 +286,4 @@ def test_planner_predicts_peak_memory():
           f"predicted / measured = {ratio:.3f} (band {1 - MEMORY_BAND:.2f}-{1 + MEMORY_BAND:.2f})")
     assert abs(ratio - 1) <= MEMORY_BAND, (
         f"the planner predicted {predicted / GIB:.2f} GiB, the run peaked at {measured / GIB:.2f} GiB "
-        f"(ratio {ratio:.3f}); update plan.py's memory formulas (docs/design.md section 10)")
+        f"(ratio {ratio:.3f}); update memory_model.py's formulas (docs/design.md section 10)")

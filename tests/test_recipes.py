@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from distributed import run_distributed
-from megatron_aquila import plan
+from megatron_aquila import memory_model, plan
 from megatron_aquila.config import ConfigError, load_config
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.parallel.context import ParallelContext
@@ -109,7 +109,7 @@ def _real_counts(config, ctx: ParallelContext) -> dict[int, int]:
 
 
 def _planned(config, world: int) -> dict[tuple[int, int], int]:
-    return {(r.tp_rank, r.pp_rank): r.total for r in plan.rank_parameters(config, world)}
+    return {(r.tp_rank, r.pp_rank): r.total for r in memory_model.rank_parameters(config, world)}
 
 
 @pytest.mark.parametrize("pp, vpp, pipeline_layers", [(2, 1, None), (2, 2, None), (2, 1, [3, 5])])
@@ -141,7 +141,7 @@ def test_planner_counts_equal_real_models_tp2_with_pipeline_chunks():
 @pytest.mark.parametrize("size, recipe, world", [("7b", RECIPE_7B, 96), ("34b", RECIPE_34B, 512)])
 def test_planner_total_parameters_equal_design(size, recipe, world):
     config = load_config(recipe)
-    ranks = plan.rank_parameters(config, world)
+    ranks = memory_model.rank_parameters(config, world)
     padded_total = sum(r.sharded for r in ranks) + sum(r.replicated for r in ranks if r.tp_rank == 0)
     h = config.model.hidden_size
     padding = config.model.padded_vocab_size(config.parallel.tensor_parallel) - 100008

@@ -24,10 +24,12 @@ def make_grad_scaler(precision: PrecisionConfig) -> Optional[DynamicGradScaler]:
 
 def build_optimizer(model_chunks: list[nn.Module], grad_buffers: list[DataParallelGradBuffer],
                     config: OptimizerConfig, precision: PrecisionConfig, ctx: ParallelContext,
-                    distributed: bool, grad_scaler: Optional[GradScaler] = None) -> MixedPrecisionOptimizer:
+                    distributed: bool, grad_scaler: Optional[GradScaler] = None,
+                    fused: Optional[bool] = None) -> MixedPrecisionOptimizer:
     """The plain or ZeRO-1 optimizer over the chunks' grad buffers (one buffer per chunk, same order).
 
-    ``grad_scaler`` overrides the default (dynamic for fp16, none for bf16/fp32).
+    ``grad_scaler`` overrides the default (dynamic for fp16, none for bf16/fp32); ``fused`` the AdamW
+    kernel's default (``MixedPrecisionOptimizer``).
     """
     if len(model_chunks) != len(grad_buffers) or any(b.module is not m for m, b in zip(model_chunks, grad_buffers)):
         raise ValueError(f"need one grad buffer per model chunk in the same order: got {len(model_chunks)} chunks "
@@ -37,4 +39,4 @@ def build_optimizer(model_chunks: list[nn.Module], grad_buffers: list[DataParall
                          "(padded buckets, reduce-scatter)")
     scaler = grad_scaler if grad_scaler is not None else make_grad_scaler(precision)
     cls = DistributedOptimizer if distributed else MixedPrecisionOptimizer
-    return cls(grad_buffers, config, ctx, scaler)
+    return cls(grad_buffers, config, ctx, scaler, fused)

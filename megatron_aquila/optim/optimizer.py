@@ -72,7 +72,9 @@ class MixedPrecisionOptimizer:
     kind = "mixed_precision"
 
     def __init__(self, grad_buffers: list[DataParallelGradBuffer], config: OptimizerConfig,
-                 ctx: ParallelContext, grad_scaler: Optional[GradScaler] = None):
+                 ctx: ParallelContext, grad_scaler: Optional[GradScaler] = None, fused: Optional[bool] = None):
+        """``fused``: torch's fused AdamW kernel (None: on CUDA; else the foreach implementation, whose step
+        counter lives on the host). The dry run sets it to run a GPU run's optimizer on CPU tensors."""
         self.grad_buffers, self.config, self.ctx = grad_buffers, config, ctx
         self.grad_scaler = grad_scaler
         self.pieces: list[MasterPiece] = []
@@ -85,10 +87,10 @@ class MixedPrecisionOptimizer:
         self._pieces_in_group_order = ([p for p in self.pieces if p.decays] + [p for p in self.pieces if not p.decays])
         self.adamw: Optional[torch.optim.AdamW] = None
         if groups:   # a rank may own nothing (ZeRO-1 with a tiny model on many DP ranks)
-            on_cuda = self.pieces[0].master.is_cuda
+            fused = self.pieces[0].master.is_cuda if fused is None else fused
             self.adamw = torch.optim.AdamW(
                 groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-                **({"fused": True} if on_cuda else {"foreach": True}))
+                **({"fused": True} if fused else {"foreach": True}))
 
     # ------------------------------------------------------------------ layout (overridden by ZeRO-1)
     def _param_ranges(self, buffer: DataParallelGradBuffer) -> list[tuple[nn.Parameter, int, int]]:
