@@ -90,14 +90,19 @@ def attention_worker(rank: int, world_size: int):
             return collective(output, tensor, *args, **kwargs)
         return call
 
-    context_parallel.all_gather_single = counting("all_gather", context_parallel.all_gather_single)
-    context_parallel.reduce_scatter_single = counting("reduce_scatter", context_parallel.reduce_scatter_single)
-    index = local_token_indices(SEQ, rank, world_size)
-    q, k, v, grad = (t.index_select(0, index).clone().requires_grad_(i < 3)
-                     for i, t in enumerate(attention_inputs()))
-    kernel = build_attention("torch-sdpa", HEADS, KV_HEADS, HEAD_DIM, 0.0)
-    out = context_parallel_attention(lambda q, k, v, segments: kernel(q, k, v, True, segments), q, k, v, ctx.cp_group)
-    out.backward(grad)
+    originals = context_parallel.all_gather_single, context_parallel.reduce_scatter_single
+    context_parallel.all_gather_single = counting("all_gather", originals[0])
+    context_parallel.reduce_scatter_single = counting("reduce_scatter", originals[1])
+    try:  # the worker process runs other tests' tasks afterwards (tests/distributed.py)
+        index = local_token_indices(SEQ, rank, world_size)
+        q, k, v, grad = (t.index_select(0, index).clone().requires_grad_(i < 3)
+                         for i, t in enumerate(attention_inputs()))
+        kernel = build_attention("torch-sdpa", HEADS, KV_HEADS, HEAD_DIM, 0.0)
+        out = context_parallel_attention(lambda q, k, v, segments: kernel(q, k, v, True, segments), q, k, v,
+                                         ctx.cp_group)
+        out.backward(grad)
+    finally:
+        context_parallel.all_gather_single, context_parallel.reduce_scatter_single = originals
     return index, out.detach(), q.grad, k.grad, v.grad, handed
 
 
