@@ -18,10 +18,13 @@ import yaml
 
 from megatron_aquila.model.kernels import KERNEL_BACKENDS
 from megatron_aquila.model.presets import MODEL_PRESETS
-from megatron_aquila.model.rope import ROPE_SCALING_TYPES
 
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# model.rope_scaling values; the maths of each is in model/rope.py
+ROPE_SCALING_TYPES = ("none", "linear", "dynamic", "yarn", "llama3")
 
 
 class ConfigError(ValueError):

@@ -41,15 +41,11 @@ are computed in fp64 and the tables stored in fp32 (transformers computes them i
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from megatron_aquila.config import ModelConfig
-
-ROPE_SCALING_TYPES = ("none", "linear", "dynamic", "yarn", "llama3")
+from megatron_aquila.config import ROPE_SCALING_TYPES, ModelConfig
 
 
 def _yarn_mscale(factor: float, k: float) -> float:
