@@ -35,6 +35,7 @@ from megatron_aquila.build import build_trainer_parts
 from megatron_aquila.config import ModelConfig, load_config
 from megatron_aquila.data.loader import MockGPTDataset
 from megatron_aquila.data.tokenizer import train_tiny_bbpe
+from megatron_aquila.dryrun.runner import DryRunSettings, dry_run
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.trainer import Trainer
@@ -249,6 +250,10 @@ MEMORY_OVERRIDES = [
 # smaller runs of this kind (width 512, 4-8 layers, vocab 1000-16000, bf16) at 1.16-1.17x the
 # prediction. Within 25% either way is the stated band.
 MEMORY_BAND = 0.25
+# The dry run executes this very step (the CUDA kernels as stand-ins with their saved tensors) and counts
+# temporaries too; what it cannot see is cuBLAS workspaces and allocator rounding beyond 512 bytes. Not yet
+# run on a GPU: 10% is the stated expectation until tools/gpu_check.sh measures it.
+DRY_RUN_BAND = 0.10
 
 
 @pytest.mark.gpu
@@ -259,6 +264,8 @@ def test_planner_predicts_peak_memory():
     rank = memory_model.rank_parameters(config, 1)[0]
     memory = memory_model.rank_memory(config, 1, rank, memory_model.ActivationShape.from_config(config))
     predicted = memory.total(distributed_optimizer=False)
+    # The dry run of the same configuration on fake CPU tensors, with CUDA SDPA's kernel choice.
+    dry = dry_run(config, DryRunSettings(world_size=1, attention="sdpa", microbatches=1)).peak.total
 
     gc.collect()
     torch.cuda.empty_cache()
@@ -281,9 +288,14 @@ def test_planner_predicts_peak_memory():
 
     ratio = predicted / measured
     print(f"\nplanner: weights {memory.weights / GIB:.2f} + grads {memory.grads / GIB:.2f} + optimizer "
-          f"{memory.optimizer_replicated / GIB:.2f} + activations {memory.activations / GIB:.2f} = "
-          f"{predicted / GIB:.2f} GiB predicted; max_memory_allocated {measured / GIB:.2f} GiB measured; "
-          f"predicted / measured = {ratio:.3f} (band {1 - MEMORY_BAND:.2f}-{1 + MEMORY_BAND:.2f})")
+          f"{memory.optimizer_replicated / GIB:.2f} + activations {memory.activations / GIB:.2f} + temporaries "
+          f"{memory.temporaries / GIB:.2f} = {predicted / GIB:.2f} GiB predicted; dry run peak {dry / GIB:.2f} GiB; "
+          f"max_memory_allocated {measured / GIB:.2f} GiB measured; predicted / measured = {ratio:.3f} "
+          f"(band {1 - MEMORY_BAND:.2f}-{1 + MEMORY_BAND:.2f}); dry run / measured = {dry / measured:.3f} "
+          f"(band {1 - DRY_RUN_BAND:.2f}-{1 + DRY_RUN_BAND:.2f})")
+    assert abs(dry / measured - 1) <= DRY_RUN_BAND, (
+        f"the dry run peaked at {dry / GIB:.2f} GiB, the GPU run at {measured / GIB:.2f} GiB: the CUDA kernel "
+        "stand-ins (megatron_aquila/dryrun/cuda_kernels.py) or the tracker miss what CUDA allocates")
     assert abs(ratio - 1) <= MEMORY_BAND, (
         f"the planner predicted {predicted / GIB:.2f} GiB, the run peaked at {measured / GIB:.2f} GiB "
         f"(ratio {ratio:.3f}); update memory_model.py's formulas (docs/design.md section 10)")

@@ -11,7 +11,7 @@ On real tensors it counts the same ops and lets them run.
 from __future__ import annotations
 
 import os
-import traceback
+import sys
 from collections import Counter
 from typing import Optional
 
@@ -29,11 +29,14 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def call_site() -> str:
-    """``path:line (function)`` of the innermost frame in megatron_aquila outside the dry-run package."""
-    for frame in reversed(traceback.extract_stack()):
-        path = os.path.abspath(frame.filename)
+    """``path:line (function)`` of the innermost frame in megatron_aquila outside the dry-run package
+    (a walk up the interpreter's frames: no source lines are read)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = frame.f_code.co_filename
         if path.startswith(_PACKAGE_DIR) and not path.startswith(_OWN_DIR):
-            return f"{os.path.relpath(path, os.path.dirname(_PACKAGE_DIR))}:{frame.lineno} ({frame.name})"
+            return f"{os.path.relpath(path, os.path.dirname(_PACKAGE_DIR))}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
     return "outside megatron_aquila"
 
 
