@@ -144,8 +144,8 @@ def test_cuda_attention_masks_match_cpu():
 
 # ----------------------------------------------------------------------------------- 2. NCCL trainer
 TRAIN_ITERS, SAVE_INTERVAL, GLOBAL_BATCH = 8, 4, 8
-# A multiple of 64: no padded vocabulary rows, whose logits would enter our loss's softmax but not
-# the exported model's (padding changes the loss, not the export).
+# A multiple of 64: no padded vocabulary rows (they are left out of the softmax in any case,
+# parallel/cross_entropy.py, so the loss and the export agree either way).
 VOCAB = 1024
 RECIPE = f"""
 model: {{num_layers: 2, hidden_size: 128, num_attention_heads: 4, num_kv_heads: 2, ffn_hidden_size: 256,

@@ -37,7 +37,7 @@ from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.training_state import TrainerParts
 from training import train_with
 
-VOCAB, SEQ = 256, 32  # a multiple of 8: no padded vocabulary rows (they would add to the softmax)
+VOCAB, SEQ = 256, 32  # a multiple of 8: no padded vocabulary rows
 
 
 def write_conversations(prefix: Path, lengths: list[int], seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -66,7 +66,7 @@ def _check_cross_entropy(ctx: ParallelContext, errors: dict) -> None:
     ref = F.cross_entropy(full.view(-1, 64), target.view(-1), reduction="none").view(3, 5)
     (ref * weight).sum().backward()
     local = logits.chunk(ctx.tp_size, -1)[ctx.tp_rank].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(local, target, ctx.tp_group)
+    loss = vocab_parallel_cross_entropy(local, target, ctx.tp_group, 64)
     (loss * weight).sum().backward()
     errors["ce_loss"] = _max_err(loss, ref)
     errors["ce_grad"] = _max_err(local.grad, full.grad.chunk(ctx.tp_size, -1)[ctx.tp_rank])

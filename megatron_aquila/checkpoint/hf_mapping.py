@@ -22,8 +22,9 @@ q and k head permuted to [0, 2, 4, ..., 1, 3, 5, ...]: that turns interleaved pa
 and leaves q.k unchanged. Imports always give rotate-half (``rope_interleaved`` false).
 
 Importing pads the vocabulary to ``ModelConfig.padded_vocab_size(tp)`` with zero rows: padded
-ids are never inputs, and their logits are 0 (trim the logits to the real vocabulary before
-sampling, as the HF model does by construction).
+ids are never inputs, and the model leaves their logits out of the loss's softmax and masks them in
+the logits it returns (``parallel/cross_entropy.py``), so the imported model starts at the HF model's
+loss and its padded rows get zero grads.
 
 RoPE scaling (``model.rope_scaling``, maths in ``model/rope.py``) is written as transformers 5.x
 reads it, ``rope_parameters`` = {rope_type, rope_theta, factor, ...}, and again as ``rope_scaling``

@@ -13,8 +13,10 @@ briefly holds one full fp32 weight (the largest is the output layer: padded voca
 for Aquila2-34B). Linear and embedding weights ~ N(0, init_std); the residual-branch output
 projections (``attention.dense``, ``mlp.down``) ~ N(0, init_std / sqrt(2 * num_layers)) as in
 Megatron-LM (``scaled_init_method_normal``, GPT-2's scheme); norm weights = ``norm_init``. Padded
-vocabulary rows are drawn like the others (they are never targets). Skipped on the meta device and
-with ``initialize=False`` (resume, ``init_weights``): the parameters are then allocated, not drawn.
+vocabulary rows are drawn like the others: they are never targets, their logits are left out of the
+loss's softmax and masked in returned logits, so they never matter and their grads are 0. Skipped on
+the meta device and with ``initialize=False`` (resume, ``init_weights``): the parameters are then
+allocated, not drawn.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from megatron_aquila.model.transformer import (
 )
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.context_parallel import gather_positions, local_token_indices
-from megatron_aquila.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_aquila.parallel.cross_entropy import real_vocab_columns, vocab_parallel_cross_entropy
 from megatron_aquila.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, full_shape
 from megatron_aquila.parallel.random import RNGStatesTracker
 
@@ -55,7 +57,8 @@ class AquilaModel(nn.Module):
     forward(input_ids [b, s] | None, position_ids [b, s] | None, labels [b, s] | None,
             hidden_states [s, b, h] | None) returns
       - post_process and labels given: per-token loss [b, s] fp32;
-      - post_process, no labels: this rank's vocabulary-shard logits [b, s, V/tp] (a transposed view);
+      - post_process, no labels: this rank's vocabulary-shard logits [b, s, V/tp] (a transposed view),
+        the padded vocabulary columns (ids >= vocab_size) set to the dtype's lowest value;
       - otherwise: hidden states [s, b, h] ([s/tp, b, h] under sequence parallelism).
     The first stage (pre_process) embeds ``input_ids``; later stages take ``hidden_states``.
 
@@ -172,5 +175,18 @@ class AquilaModel(nn.Module):
             return x
         logits = self.output_layer(self.final_norm(x))  # [s, b, V/tp]
         if labels is None:
-            return logits.transpose(0, 1)  # [b, s, V/tp]
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group).t()  # [b, s] fp32
+            return self._mask_padded_vocab(logits).transpose(0, 1)  # [b, s, V/tp]
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group, self.config.vocab_size)  # [s, b] fp32
+        return loss.t()  # [b, s]
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Set the logits of the padded vocabulary columns (ids >= vocab_size) to the dtype's lowest value,
+        in place; returns ``logits``.
+
+        exp(lowest - max) is exactly 0 in every dtype, so softmax, argmax and sampling over the returned
+        logits see only the real vocabulary, as the loss does; a finite value (not -inf) keeps differences
+        of two models' logits at 0 there, and their grads are 0.
+        """
+        real = real_vocab_columns(self.config.vocab_size, logits.shape[-1], self.ctx.tp_rank)
+        logits[..., real:] = torch.finfo(logits.dtype).min
+        return logits
