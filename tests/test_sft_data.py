@@ -329,6 +329,62 @@ def test_failed_finalize_leaves_no_final_outputs(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["c.jsonl"]
 
 
+def _rerun_failing(tmp_path, monkeypatch, fail) -> dict[str, bytes]:
+    """A first run over GOOD, then a second over GOOD[:1] that the patch ``fail(monkeypatch)`` makes raise;
+    returns the first run's files, for comparison with what the directory holds after the failure."""
+    run_sft(tmp_path, [write_jsonl(tmp_path / "c.jsonl", GOOD)])
+    first = {path.name: path.read_bytes() for path in tmp_path.glob("out_*")}
+    assert len(first) == 4
+    corpus = write_jsonl(tmp_path / "short.jsonl", GOOD[:1])  # a second run whose outputs would differ
+    fail(monkeypatch)
+    with pytest.raises(OSError, match="simulated"):
+        run_sft(tmp_path, [corpus])
+    return first
+
+
+def _assert_previous_pair_intact(tmp_path, first: dict[str, bytes]) -> None:
+    assert sorted(os.listdir(tmp_path)) == sorted([*first, "c.jsonl", "short.jsonl"])  # no staging left
+    assert {name: (tmp_path / name).read_bytes() for name in first} == first
+    tokens, _ = read_outputs(tmp_path)
+    assert tokens.num_documents == len(GOOD)
+
+
+def test_second_run_failing_in_its_second_dataset_keeps_the_previous_pair(tmp_path, monkeypatch):
+    """The loss-mask dataset of a second run over the same prefix fails to finalize: the first run's
+    token and loss-mask files stay as they were (before, its tokens were gone and its mask was left)."""
+    finalize = IndexedDatasetBuilder.finalize
+
+    def fail_second_dataset(monkeypatch):
+        def finalize_tokens_only(builder):
+            if builder.path_prefix.endswith("_sft_loss_mask_document"):
+                raise OSError("disk full (simulated)")
+            finalize(builder)
+
+        monkeypatch.setattr(IndexedDatasetBuilder, "finalize", finalize_tokens_only)
+
+    _assert_previous_pair_intact(tmp_path, _rerun_failing(tmp_path, monkeypatch, fail_second_dataset))
+
+
+def test_failed_rename_while_publishing_restores_the_previous_pair(tmp_path, monkeypatch):
+    """Both datasets of the second run are complete, then the rename onto the loss mask's final .bin
+    fails once: the token files already renamed are taken back and the first run's four files restored."""
+    replace = os.replace
+
+    def fail_mask_rename(monkeypatch):
+        target = str(tmp_path / "out_sft_loss_mask_document.bin")
+        failed = []
+
+        def replace_failing_once(source, destination):
+            if str(destination) == target and not failed:
+                failed.append(source)
+                raise OSError("rename failed (simulated)")
+            replace(source, destination)
+
+        monkeypatch.setattr(os, "replace", replace_failing_once)
+
+    _assert_previous_pair_intact(tmp_path, _rerun_failing(tmp_path, monkeypatch, fail_mask_rename))
+
+
 def test_command_line_checks(tmp_path, capsys):
     base = ["--input", "x.jsonl", "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "aquila-bbpe",
             "--tokenizer-path", "t"]

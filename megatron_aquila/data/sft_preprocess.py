@@ -19,8 +19,15 @@ would train on nothing.
 ``file:line: reason: detail`` (``file:item N`` for the N-th, 0-based, element of a ``.json`` list)
 and leaves no output, or is skipped and counted with ``on_error="skip"``. A ``.json`` file that
 is not valid JSON or not a list fails in both modes: the records inside it cannot be told apart.
-Blank lines are always skipped and counted. Both datasets are written under temporary names and
-appear under their final names only when both are complete.
+Blank lines are always skipped and counted.
+
+**Outputs appear together.** Both datasets are built in a hidden staging directory beside the
+outputs (``.{prefix}_sft_tokens_document.*.tmp``) and move to their final names only when both are
+complete. The four files are then renamed one by one; an earlier run's files under the same names
+are first moved into the staging directory, and if any rename fails every final name gets its
+earlier file back (or none, where there was none). So a failed run leaves the previous token /
+loss-mask pair as it was, never one dataset of each run, and the staging directory is removed
+either way (only a process killed during the renames can leave a mixed pair).
 
 Parsing and tokenizing run in ``workers`` processes (1: in this process), batches coming back in
 input order with at most 2 x workers in flight, as in ``preprocess``.
@@ -33,6 +40,8 @@ import gzip
 import json
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -48,6 +57,7 @@ from megatron_aquila.data.chat_template import (
 )
 from megatron_aquila.data.indexed_dataset import (
     IndexedDatasetBuilder,
+    IndexedDatasetError,
     best_token_dtype,
     data_file_path,
     index_file_path,
@@ -287,18 +297,45 @@ def _encoded_batches(batches: Iterator[_RecordBatch], encoder: _ConversationEnco
             yield pending.popleft().get()
 
 
-def _finalize_together(builders: list[IndexedDatasetBuilder]) -> None:
-    """Finalize every builder, or leave none of their outputs under the final names."""
-    finalized: list[str] = []
+@contextlib.contextmanager
+def _staged(prefixes: list[str]) -> Iterator[list[str]]:
+    """Yield one staging prefix per final prefix, in a hidden directory beside them; on a clean exit
+    publish every staged dataset under its final prefix (``_publish``). The directory is removed
+    either way, and with it whatever a failed run staged."""
+    directory = os.path.dirname(os.path.abspath(prefixes[0]))
+    if not os.path.isdir(directory):
+        raise IndexedDatasetError(f"output directory {directory} does not exist; create it first")
+    staging = tempfile.mkdtemp(dir=directory, prefix=f".{os.path.basename(prefixes[0])}.", suffix=".tmp")
     try:
-        for builder in builders:
-            builder.finalize()
-            finalized.append(builder.path_prefix)
+        staged = [os.path.join(staging, os.path.basename(prefix)) for prefix in prefixes]
+        yield staged
+        _publish([(path(old), path(new)) for old, new in zip(staged, prefixes)
+                  for path in (data_file_path, index_file_path)], staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(moves: list[tuple[str, str]], backup_directory: str) -> None:
+    """Rename each (staged, final) file pair; if one rename fails, give every final path its earlier file back.
+
+    An existing final file is first moved to ``backup_directory`` (same filesystem), so the undo is
+    renames too: remove the new files already placed, move the backups back.
+    """
+    backups: list[tuple[str, str]] = []  # (backup, final) for every final path that held an earlier file
+    placed: list[str] = []  # final paths that hold a new file
+    try:
+        for staged, final in moves:
+            if os.path.exists(final):
+                backup = os.path.join(backup_directory, f"previous-{len(backups)}")
+                os.replace(final, backup)
+                backups.append((backup, final))
+            os.replace(staged, final)
+            placed.append(final)
     except BaseException:
-        for prefix in finalized:
-            for path in (data_file_path(prefix), index_file_path(prefix)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+        for final in placed:
+            os.remove(final)
+        for backup, final in backups:
+            os.replace(backup, final)
         raise
 
 
@@ -330,9 +367,10 @@ def preprocess_sft(config: SFTPreprocessConfig) -> SFTPreprocessStats:
     tokens_prefix, mask_prefix = sft_dataset_prefixes(config.output_prefix)
     stats = SFTPreprocessStats(output_prefixes={TOKENS_KEY: tokens_prefix, LOSS_MASK_KEY: mask_prefix})
     start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:  # exits in reverse: builders aborted, then staging published or removed
+        staged = stack.enter_context(_staged([tokens_prefix, mask_prefix]))
         builders = []
-        for prefix, dtype in ((tokens_prefix, token_dtype), (mask_prefix, np.uint8)):
+        for prefix, dtype in zip(staged, (token_dtype, np.uint8)):
             builders.append(IndexedDatasetBuilder(prefix, dtype))
             stack.callback(builders[-1].abort)  # no-op once finalized
         tokens_builder, mask_builder = builders
@@ -361,7 +399,8 @@ def preprocess_sft(config: SFTPreprocessConfig) -> SFTPreprocessStats:
             stats.truncated_at_turn += result.truncated_at_turn
             stats.cut_inside_turn += result.cut_inside_turn
             bar.update(result.num_records)
-        _finalize_together(builders)
+        for builder in builders:
+            builder.finalize()  # into the staging directory
     stats.seconds = time.perf_counter() - start
     return stats
 
