@@ -109,7 +109,7 @@ class _Pool:
 
 
 _POOLS: dict[int, _Pool] = {}  # by world size, least recently used first
-MAX_POOLS = 2  # idle workers hold memory: keep the pools of the two most recent world sizes
+MAX_POOLS = 3  # idle workers hold memory: keep the pools of the three most recent world sizes
 
 
 @atexit.register

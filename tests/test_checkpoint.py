@@ -1,10 +1,14 @@
 """Distributed checkpoints: exact resume, resharding across layouts, atomic saves, signals, faults.
 
-Runs go through ``megatron_aquila.train.main`` in torchrun subprocesses (gloo, fp32, mock data, a
-2-layer model). A small runner script calls ``main`` and writes rank 0's per-iteration losses as
-JSON, so the losses compared are the exact floats. The reference is one uninterrupted TP2 x DP2
-run with the distributed optimizer; every resumed run must reproduce its losses (bit for bit in
-the same layout, to 1e-5 relative under another layout).
+Runs go through ``megatron_aquila.train.main`` (gloo, fp32, mock data, a 2-layer model). The tests
+of signals, killed ranks and killed writers ``launch`` torchrun subprocesses: a small runner script
+calls ``main`` and writes rank 0's per-iteration losses as JSON. Every other run (``run``) calls
+``main`` in the pooled gloo workers of tests/distributed.py, which join the process group ``main``
+then uses (``train.init_distributed`` keeps an initialised one), and returns rank 0's losses: the
+same training and checkpoint code without a launcher start-up per run. The losses compared are
+the exact floats. The reference is one uninterrupted TP2 x DP2 run with the distributed
+optimizer; every resumed run must reproduce its losses (bit for bit in the same layout, to 1e-5
+relative under another layout).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Optional
 import pytest
 import torch
 
+from distributed import run_distributed
 from megatron_aquila.checkpoint.manager import CheckpointError, load_checkpoint_into, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,11 +88,17 @@ def launch(workdir: Path, name: str, nproc: int, overrides: list[str], extra_env
     return process, losses, log
 
 
+def _train_worker(rank: int, world_size: int, recipe: str, overrides: list[str]) -> dict[int, float]:
+    from megatron_aquila.train import main
+
+    state = main([recipe, *overrides])
+    first = state.iteration - len(state.history)
+    return {first + 1 + i: loss for i, loss in enumerate(state.history)}
+
+
 def run(workdir: Path, name: str, nproc: int, overrides: list[str]) -> dict[int, float]:
-    process, losses, log = launch(workdir, name, nproc, overrides)
-    code = process.wait(timeout=600)
-    assert code == 0, f"run {name} exited with {code}:\n{log.read_text()[-4000:]}"
-    return {int(k): v for k, v in json.loads(losses.read_text()).items()}
+    """Train ``nproc`` ranks in the pooled gloo workers (module docstring); rank 0's losses by iteration."""
+    return run_distributed(_train_worker, nproc, (str(workdir / "recipe.yaml"), overrides), timeout=600)[0]
 
 
 def worker_pids(launcher_pid: int) -> list[int]:
