@@ -65,8 +65,8 @@ def init_distributed(config: Config) -> ParallelContext:
         return ParallelContext.single_process(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = timedelta(minutes=config.distributed.nccl_timeout_minutes)
     if not dist.is_initialized():
-        timeout = timedelta(minutes=config.distributed.nccl_timeout_minutes)
         # NCCL creates communicators lazily, on a group's first operation and among only the ranks
         # in it. Binding the default group to this rank's GPU (device_id) creates the world
         # communicator now, and lets NCCL split the subgroups' communicators from it;
@@ -78,7 +78,7 @@ def init_distributed(config: Config) -> ParallelContext:
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
     return ParallelContext.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel, device,
-                                      cp_size=config.parallel.context_parallel)
+                                      cp_size=config.parallel.context_parallel, timeout=timeout)
 
 
 def save_resolved_config(config: Config, ctx: ParallelContext) -> None:

@@ -194,3 +194,31 @@ def test_flash_attn_is_asked_for_a_deterministic_backward_when_torch_is(monkeypa
     with pytest.raises(RuntimeError, match=r"deterministic backward .* needs flash-attn >= 2\.4\.1, but flash-attn "
                                            r"2\.3\.6 is installed"):
         kernels.build_attention("flash-attn", 4, 2, 8, 0.0)(*qkv(6, 6), True)
+
+
+def _group_timeouts_worker(rank: int, world_size: int) -> list:
+    from datetime import timedelta
+
+    from megatron_aquila.config import load_config
+    from megatron_aquila.train import init_distributed
+
+    config = load_config(None, ["data.mock=true", "parallel.tensor_parallel=2", "distributed.nccl_timeout_minutes=7"])
+    recorded, real = [], dist.new_group
+
+    def recording(*args, **kwargs):
+        recorded.append(kwargs.get("timeout"))
+        return real(*args, **kwargs)
+
+    dist.new_group = recording
+    try:  # the pooled worker runs other tests' tasks afterwards: restore
+        ctx = init_distributed(config)
+    finally:
+        dist.new_group = real
+    ctx.release_groups()
+    return [timeout == timedelta(minutes=7) for timeout in recorded]
+
+
+def test_every_parallel_group_takes_the_configured_timeout():
+    """distributed.nccl_timeout_minutes reaches every group ParallelContext creates, not only the world's."""
+    for flags in run_distributed(_group_timeouts_worker, 2):
+        assert flags and all(flags), flags

@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -271,7 +272,8 @@ class CheckpointSaver:
     def _checkpoint_group(self) -> Optional[dist.ProcessGroup]:
         """A gloo group over the world for the writer thread (created collectively on first use)."""
         if dist.is_initialized() and self._group is None:
-            self._group = dist.new_group(backend="gloo")
+            self._group = dist.new_group(backend="gloo",
+                                         timeout=timedelta(minutes=self.config.distributed.nccl_timeout_minutes))
         return self._group
 
     def _barrier(self) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional, Union
 
 import torch
@@ -145,10 +146,12 @@ class ParallelContext:
 
     @classmethod
     def initialize(cls, tp_size: int, pp_size: int, device: torch.device | None = None,
-                   cp_size: int = 1) -> "ParallelContext":
+                   cp_size: int = 1, timeout: Optional[timedelta] = None) -> "ParallelContext":
         """Build every TP, CP, DP, DP x CP, PP and model-parallel group of an initialised default group.
 
         Every rank must call this with the same sizes: ``new_group`` is collective over the world.
+        ``timeout``: how long a collective of these groups may wait (``distributed.nccl_timeout_minutes``;
+        None: torch's default for the backend).
         """
         assert dist.is_initialized(), "call torch.distributed.init_process_group before ParallelContext.initialize"
         world_size, rank = dist.get_world_size(), dist.get_rank()
@@ -181,7 +184,7 @@ class ParallelContext:
                     for axis, value in zip(reversed(varying), varying_at):
                         at[axis] = value
                     members.append(grid_rank(*at, tp_size, cp_size, dp_size))
-                group = dist.new_group(sorted(members))
+                group = dist.new_group(sorted(members), timeout=timeout)
                 if all(mine_at[axis] == value for axis, value in zip(fixed, fixed_at)):
                     mine = (group, tuple(members))
             return mine
