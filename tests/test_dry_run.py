@@ -138,3 +138,26 @@ def test_planner_terms_and_communication_agree_with_the_dry_run_of_the_34b_first
     model = communication_per_iteration(config, 512, 0, 15, rank.trainable, 4)
     for key, nbytes in model.items():
         assert report.collectives[key][1] == pytest.approx(nbytes, rel=0.001), key
+
+
+def test_a_layout_that_does_not_fit_names_rank_stage_gpu_and_largest_terms(capsys):
+    """Aquila2-7B on one node of A100-40G (DP8): the dry run says which rank does not fit, and why."""
+    argv = [str(ROOT / "examples/aquila2/7b/aquila2_7b.yaml"), "--nodes", "1", "--gpus-per-node", "8", "--gpu",
+            "A100-40G", "--dry-run", "--microbatches", "1"]
+    assert plan.main(argv) == 1
+    out = capsys.readouterr().out
+    verdict = next(line for line in out.splitlines() if "DOES NOT FIT" in line)
+    assert "rank 0 (pipeline stage 0)" in verdict and "A100-40G" in verdict, verdict
+    assert "largest: gradients 27.18 GiB" in verdict and verdict.count("GiB,") == 2, verdict
+
+
+def test_an_op_fake_tensors_cannot_run_is_named_with_where(monkeypatch):
+    """An op with a value-dependent output shape (not a host sync the dry run answers) fails with its
+    exception's name and the innermost frame of ours, not a bare traceback."""
+    from megatron_aquila.model import transformer
+
+    real_forward = transformer.MLP.forward
+    monkeypatch.setattr(transformer.MLP, "forward", lambda self, x: real_forward(self, x) + torch.unique(x).sum())
+    config = _config(["data.mock=true"])
+    with pytest.raises(DryRunError, match=r"rank 0: DynamicOutputShapeException at .*megatron_aquila/model/transformer"):
+        dry_run(config, DryRunSettings(world_size=1, rank=0, microbatches=1))

@@ -191,7 +191,8 @@ def _step_or_explain(trainer: Trainer, stream: Iterator[dict[str, torch.Tensor]]
         trainer.train_step(stream, microbatches)
     except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException,
             NotImplementedError) as error:
-        frames = [frame for frame in traceback.extract_tb(error.__traceback__) if "megatron_aquila" in frame.filename]
+        frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+                  if "megatron_aquila" in frame.filename and "dryrun" not in frame.filename]  # the step's own code
         where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else "outside megatron_aquila"
         raise DryRunError(f"rank {ctx.rank}: {type(error).__name__} at {where}: {error}; the dry run cannot run this "
                           "op on fake tensors (give it a fake implementation, or keep it out of the step)") from error
