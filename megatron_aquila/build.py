@@ -82,12 +82,12 @@ def build_trainer_parts(config: Config, ctx: ParallelContext) -> tuple[TrainerPa
                              tuple(t.rampup_batch_size) if t.rampup_batch_size else None)
     iterations = schedule.iterations_for(t.train_samples) if t.train_samples is not None else t.train_iters
     train_samples = schedule.samples_consumed_by(iterations)  # the last batch may overshoot train_samples
-    train_stream, valid_stream = build_streams(config, ctx, train_samples)
+    train_stream, valid_stream, describe_samples = build_streams(config, ctx, train_samples)
     padded_vocab = config.model.padded_vocab_size(ctx.tp_size)
     parts = TrainerParts(
         model_chunks=chunks, grad_buffers=buffers, optimizer=optimizer,
         lr_scheduler=LRScheduler.from_config(config.optimizer, t), batch_schedule=schedule,
-        train_stream=train_stream, valid_stream=valid_stream,
+        train_stream=train_stream, valid_stream=valid_stream, describe_samples=describe_samples,
         flops_per_sample=flops_per_iteration(
             config.model, 1, padded_vocab,
             None if lora is None else adapter_parameters(config.model, LoraSettings.from_config(lora))),

@@ -314,9 +314,9 @@ class Trainer:
         state.skipped_in_a_row += 1
         bad = self._non_finite_samples(consumed, global_batch, losses)
         if self.ctx.rank == 0:
-            shown = ", ".join(map(str, bad[:SHOWN_SAMPLES])) + (f" and {len(bad) - SHOWN_SAMPLES} more"
-                                                                if len(bad) > SHOWN_SAMPLES else "")
-            culprits = (f"non-finite loss on samples {shown}" if bad else
+            shown = "; ".join(map(self.parts.describe_samples, bad[:SHOWN_SAMPLES])) + (
+                f" and {len(bad) - SHOWN_SAMPLES} more" if len(bad) > SHOWN_SAMPLES else "")
+            culprits = (f"non-finite loss on {shown}" if bad else
                         "every micro-batch loss finite (the gradients overflowed)")
             logger.warning(f"iteration {state.iteration}: optimizer step skipped, gradients not finite (loss {loss}); "
                            f"its batch is train-dataset samples {consumed}-{consumed + global_batch - 1}, {culprits}; "

@@ -40,3 +40,4 @@ class TrainerParts:
     valid_stream: Optional[MicrobatchStreamFactory]
     flops_per_sample: float    # model FLOPs per sample (section 6 formula with B = 1)
     peak_tflops: Optional[float]  # per device; None when unknown (MFU left out of the log line)
+    describe_samples: Callable[[int], str] = lambda index: f"sample {index}"  # a train sample's source documents

@@ -126,7 +126,7 @@ def test_a_skipped_step_names_its_samples():
     (skipped_0, warnings), (skipped_1, _) = run_distributed(poisoned_run_worker, 2)
     assert skipped_0 == skipped_1 == 1
     assert any(w.startswith("iteration 3: optimizer step skipped") and
-               "its batch is train-dataset samples 16-23, non-finite loss on samples 22, 23;" in w
+               "its batch is train-dataset samples 16-23, non-finite loss on sample 22; sample 23;" in w
                for w in warnings), warnings
 
 

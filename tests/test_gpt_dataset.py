@@ -87,6 +87,30 @@ def test_samples_match_reference(tmp_path, seed, seq_length, num_samples):
         torch.testing.assert_close(sample["position_ids"], torch.arange(seq_length))
 
 
+def test_a_sample_names_the_documents_it_reads(tmp_path):
+    """sample_documents (what a skipped step's warning names): the listed documents' tokens, joined,
+    hold the sample's text at the offset where it starts, and the sample reaches the last of them."""
+    indexed, documents = make_corpus(tmp_path / "corpus", 5)
+    dataset = GPTDataset(indexed, np.arange(3, 35, dtype=np.int32), 200, "train", GPTDatasetConfig(seq_length=32, seed=9))
+    for index in range(len(dataset)):
+        [(prefix, ids)] = dataset.sample_documents(index)
+        assert prefix == str(tmp_path / "corpus") and all(3 <= d < 35 for d in ids), (index, ids)
+        joined, text = np.concatenate([documents[d] for d in ids]), dataset.sample_text(index)[0]
+        offset = int(dataset.sample_index[int(dataset.shuffle_index[index])][1])  # into the first document
+        np.testing.assert_array_equal(joined[offset:offset + len(text)], text)
+        assert len(ids) == 1 or offset + len(text) > len(joined) - len(documents[ids[-1]]), (index, ids)
+
+
+def test_sample_sources_name_documents_or_fall_back_to_the_index(tmp_path):
+    from megatron_aquila.data.loader import MockGPTDataset, sample_sources
+
+    indexed, _ = make_corpus(tmp_path / "corpus", 6)
+    dataset = GPTDataset(indexed, np.arange(0, 40, dtype=np.int32), 20, "train", GPTDatasetConfig(seq_length=16, seed=3))
+    [(prefix, ids)] = dataset.sample_documents(7)
+    assert sample_sources(dataset)(7) == f"sample 7 ({prefix} documents {', '.join(map(str, ids))})"
+    assert sample_sources(MockGPTDataset(10, 16, 100, 0))(7) == "sample 7"
+
+
 def test_separate_final_epoch(tmp_path):
     indexed, documents = make_corpus(tmp_path / "corpus", 5)
     seq_length = 8

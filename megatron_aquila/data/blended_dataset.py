@@ -139,6 +139,10 @@ class BlendedDataset(MapsCachedIndices, torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.dataset_index.shape[0]
 
+    def sample_documents(self, idx: int) -> list[tuple[str, list[int]]]:
+        """The documents sample ``idx`` reads, from the dataset the blend drew it from (``GPTDataset``)."""
+        return self.datasets[int(self.dataset_index[idx])].sample_documents(int(self.dataset_sample_index[idx]))
+
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= idx < len(self):
             raise IndexError(f"sample {idx} out of range for a BlendedDataset of {len(self)} samples")

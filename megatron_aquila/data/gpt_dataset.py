@@ -282,6 +282,14 @@ class GPTDataset(MapsCachedIndices, torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.sample_index.shape[0] - 1
 
+    def sample_documents(self, idx: int) -> list[tuple[str, list[int]]]:
+        """[(the indexed dataset's path prefix, ids of the documents sample ``idx`` reads)]: where a bad
+        sample comes from (a skipped step names them, ``trainer.py``)."""
+        position = int(self.shuffle_index[idx])
+        begin_document, end_document = int(self.sample_index[position][0]), int(self.sample_index[position + 1][0])
+        documents = [int(self.document_index[d]) for d in range(begin_document, end_document + 1)]
+        return [(self.dataset.path_prefix, documents)]
+
     def sample_text(self, idx: int) -> tuple[np.ndarray, int]:
         """Tokens of sample ``idx`` (int64, ``seq_length + extra`` long) and how many are real (not padding)."""
         position = int(self.shuffle_index[idx])

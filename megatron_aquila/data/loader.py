@@ -24,6 +24,7 @@ from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.context_parallel import split_batch
 
 StreamFactory = Callable[[int], Iterator[dict[str, torch.Tensor]]]
+SampleSources = Callable[[int], str]  # train-dataset sample index -> where its tokens come from
 
 
 class MockGPTDataset(torch.utils.data.Dataset):
@@ -62,8 +63,21 @@ def micro_batch_stream(dataset: torch.utils.data.Dataset, consumed: int, config:
         yield {key: value.to(ctx.device, non_blocking=True) for key, value in batch.items()}
 
 
-def build_streams(config: Config, ctx: ParallelContext, train_samples: int) -> tuple[StreamFactory, Optional[StreamFactory]]:
-    """(train stream from a consumed count, valid stream or None) for this rank."""
+def sample_sources(dataset: torch.utils.data.Dataset) -> SampleSources:
+    """Describe a train sample by its source documents (``prefix:doc,doc``) where the dataset knows them
+    (indexed corpora and their blends), else by its index alone (mock data, packed SFT)."""
+    def describe(index: int) -> str:
+        if not hasattr(dataset, "sample_documents"):
+            return f"sample {index}"
+        sources = "; ".join(f"{prefix} documents {', '.join(map(str, documents))}"
+                            for prefix, documents in dataset.sample_documents(index))
+        return f"sample {index} ({sources})"
+    return describe
+
+
+def build_streams(config: Config, ctx: ParallelContext, train_samples: int
+                  ) -> tuple[StreamFactory, Optional[StreamFactory], SampleSources]:
+    """(train stream from a consumed count, valid stream or None, the train samples' sources) for this rank."""
     t = config.training
     valid_samples = t.eval_iters * t.global_batch_size if t.eval_interval else 0
     if config.data.sft:
@@ -92,4 +106,4 @@ def build_streams(config: Config, ctx: ParallelContext, train_samples: int) -> t
     def valid_stream(consumed: int) -> Iterator[dict[str, torch.Tensor]]:
         return micro_batch_stream(valid, consumed, config, ctx, 0)
 
-    return train_stream, (valid_stream if valid is not None else None)
+    return train_stream, (valid_stream if valid is not None else None), sample_sources(train)
