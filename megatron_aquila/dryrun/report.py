@@ -76,10 +76,11 @@ def format_report(config: Config, world_size: int, report: RankReport, gpu_name:
     for term in terms:
         out.append(f"    {term.name:<12} {_gib(term.measured)} {_gib(term.planned)}   "
                    f"{term.relative_difference:+8.1%}")
-    staged = report.staged_host_bytes
-    out.append(f"  async save staging in host memory: {_gib(staged)} on this rank, about {_gib(staged * gpus_per_node)} "
-               f"per {gpus_per_node}-GPU node (its ranks share one pipeline stage); each replicated tensor is "
-               "staged by its one writer only")
+    staged, pinned = report.staged_host_bytes, report.staged_pinned_bytes
+    out.append(f"  async save staging in host memory: {_gib(staged)} on this rank ({_gib(pinned)} as pinned blocks, "
+               f"each rounded up to a power of two), about {_gib(pinned * gpus_per_node)} pinned per "
+               f"{gpus_per_node}-GPU node (its ranks share one pipeline stage); each replicated tensor is staged by "
+               "its one writer only")
     per_microbatch = [site for site, count in report.host_syncs.items() if count >= report.num_microbatches > 1]
     syncs = "; ".join(f"{site} x{count:g}" for site, count in report.host_syncs.items()) or "none"
     out.append(f"  host syncs per iteration: {syncs}" + (

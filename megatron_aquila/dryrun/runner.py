@@ -85,6 +85,7 @@ class RankReport:
     host_syncs: dict[str, float]         # call site -> count per iteration
     collectives: dict[tuple[str, str], tuple[float, float]]  # (op, group) -> (calls, bytes) per iteration
     staged_host_bytes: int               # what an async save stages in host memory on this rank
+    staged_pinned_bytes: int             # the same as CUDA's pinned host allocator hands it out (powers of two)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -176,12 +177,17 @@ def measure_step(config: Config, ctx: ParallelContext, settings: DryRunSettings,
             _step_or_explain(trainer, stream, microbatches, ctx)
         measured = (memory.peak, memory.peak_site, syncs.per_iteration(1), comm.per_iteration(1))
         lora = config.finetune.lora is not None
-        staged = sum(value.nbytes for value in owned_save_state(chunks, optimizer, ctx, lora, with_moments=True).values())
+        staged_tensors = [tensor for value in owned_save_state(chunks, optimizer, ctx, lora, with_moments=True).values()
+                          for tensor in value.tensors()]
+        staged = sum(t.numel() * t.element_size() for t in staged_tensors)
+        # torch's caching host allocator rounds every pinned block up to a power of two
+        pinned = sum(1 << max(t.numel() * t.element_size() - 1, 0).bit_length() for t in staged_tensors)
     return RankReport(
         rank=ctx.rank, coordinates={"tp": ctx.tp_rank, "cp": ctx.cp_rank, "dp": ctx.dp_rank, "pp": ctx.pp_rank},
         parameters=sum(param.numel() for chunk in chunks for param in chunk.parameters()),
         num_microbatches=microbatches, peak=measured[0], peak_site=measured[1], host_syncs=measured[2],
-        collectives=measured[3], staged_host_bytes=staged, notes=[f"attention kernel: {attention}"])
+        collectives=measured[3], staged_host_bytes=staged, staged_pinned_bytes=pinned,
+        notes=[f"attention kernel: {attention}"])
 
 
 def _step_or_explain(trainer: Trainer, stream: Iterator[dict[str, torch.Tensor]], microbatches: int,
