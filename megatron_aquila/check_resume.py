@@ -50,7 +50,7 @@ from megatron_aquila.config import Config, ConfigError, load_config
 from megatron_aquila.cpu_runtime import keep_freed_memory, share_cpu_threads
 from megatron_aquila.parallel.context import ParallelContext, default_device
 from megatron_aquila.parallel.pipeline.schedules import Microbatch
-from megatron_aquila.train import USER_ERRORS, end_after_error, init_distributed, rank_label, setup_logging, shut_down
+from megatron_aquila.train import errors_end_the_job, init_distributed, rank_label, setup_logging, shut_down
 from megatron_aquila.trainer import Trainer
 from megatron_aquila.watchdog import Watchdog
 
@@ -152,7 +152,7 @@ def run_phase(config: Config, namespace: str, save_at: Optional[int], workdir: O
     ctx = join_process_group(config, namespace)
     watchdog = Watchdog(config.distributed.hang_timeout_minutes, rank_label(ctx)).start()
     watchdog.beat("start-up")
-    try:
+    with errors_end_the_job(ctx, watchdog):
         directory = fresh_directory(workdir, ctx) if workdir is not None else None
         if directory is not None:
             config = dataclasses.replace(config, checkpoint=dataclasses.replace(
@@ -160,12 +160,6 @@ def run_phase(config: Config, namespace: str, save_at: Optional[int], workdir: O
         parts, state = build_trainer_parts(config, ctx)
         trainer = RecordingTrainer(config, ctx, parts, None, state, watchdog, save_at=save_at)
         trainer.train()
-    except USER_ERRORS as error:  # bad input: the message says what, where and how to fix; no traceback
-        end_after_error(ctx, watchdog, error, with_traceback=False)
-        raise SystemExit(f"{rank_label(ctx)} failed: {type(error).__name__}: {error}") from None
-    except BaseException as error:
-        end_after_error(ctx, watchdog, error, with_traceback=True)
-        raise
     records, layout = trainer.records, describe_layout(config, ctx)
     del parts, trainer   # everything holding process groups goes before they are destroyed
     watchdog.beat("shut-down")

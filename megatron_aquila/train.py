@@ -15,6 +15,7 @@ as usual.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -22,7 +23,7 @@ import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -108,16 +109,10 @@ def main(argv: Optional[list[str]] = None) -> TrainingState:
     ctx = init_distributed(config)
     watchdog = Watchdog(config.distributed.hang_timeout_minutes, rank_label(ctx)).start()
     watchdog.beat("start-up")
-    try:
+    with errors_end_the_job(ctx, watchdog):
         logger.info(f"resolved configuration:\n{config.to_yaml()}")
         save_resolved_config(config, ctx)
         state = run(config, ctx, watchdog)
-    except USER_ERRORS as error:  # bad input: the message says what, where and how to fix; no traceback
-        end_after_error(ctx, watchdog, error, with_traceback=False)
-        raise SystemExit(f"{rank_label(ctx)} failed: {type(error).__name__}: {error}") from None
-    except BaseException as error:
-        end_after_error(ctx, watchdog, error, with_traceback=True)
-        raise
     watchdog.beat("shut-down")
     if dist.is_initialized():
         shut_down(ctx)
@@ -135,6 +130,20 @@ def run(config: Config, ctx: ParallelContext, watchdog: Optional[Watchdog] = Non
 def rank_label(ctx: ParallelContext) -> str:
     """This rank and its grid coordinates, as failure messages and watchdog dumps name it."""
     return f"rank {ctx.rank} (tp {ctx.tp_rank} cp {ctx.cp_rank} pp {ctx.pp_rank} dp {ctx.dp_rank})"
+
+
+@contextlib.contextmanager
+def errors_end_the_job(ctx: ParallelContext, watchdog: Watchdog) -> Iterator[None]:
+    """An exception in the block ends this rank by ``end_after_error``: bad input (``USER_ERRORS``: the
+    message says what, where and how to fix) with one line, anything else with its traceback."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        end_after_error(ctx, watchdog, error, with_traceback=False)
+        raise SystemExit(f"{rank_label(ctx)} failed: {type(error).__name__}: {error}") from None
+    except BaseException as error:
+        end_after_error(ctx, watchdog, error, with_traceback=True)
+        raise
 
 
 def end_after_error(ctx: ParallelContext, watchdog: Watchdog, error: BaseException, with_traceback: bool) -> None:

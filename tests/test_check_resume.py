@@ -58,8 +58,8 @@ def test_a_resume_that_loses_the_data_position_fails_at_the_first_resumed_iterat
     real = build.build_streams
 
     def forgetful(config, ctx, train_samples):   # every train stream starts at sample 0, resumed or not
-        train, valid = real(config, ctx, train_samples)
-        return (lambda consumed: train(0)), valid
+        train, valid, sources = real(config, ctx, train_samples)
+        return (lambda consumed: train(0)), valid, sources
 
     monkeypatch.setattr(build, "build_streams", forgetful)
     monkeypatch.setattr(check_resume, "share_cpu_threads", lambda: None)   # leave this process's settings alone
