@@ -143,7 +143,7 @@ def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
 
 @dataclass(frozen=True)
 class ActivationShape:
-    """What the saved-activation bytes of one micro-batch depend on (module docstring, step 3)."""
+    """What the saved-activation bytes of one micro-batch depend on (module docstring)."""
 
     seq_length: int           # this rank's tokens per sample: model.seq_length / cp
     micro_batch: int          # b
@@ -205,10 +205,10 @@ def rms_norm_activation_bytes(shape: ActivationShape) -> int:
 
 
 def activation_bytes_per_layer(shape: ActivationShape, recompute: Optional[str] = None) -> int:
-    """Bytes one decoder layer saves for backward for one micro-batch (module docstring, step 3)."""
+    """Bytes one decoder layer saves for backward for one micro-batch (module docstring)."""
     recompute = recompute or shape.recompute
     s, b, h, t, a = shape.seq_length, shape.micro_batch, shape.hidden, shape.tp, shape.dtype_bytes
-    n, g, d, f = shape.heads, shape.kv_heads, shape.head_dim, shape.ffn
+    n, d, f = shape.heads, shape.head_dim, shape.ffn
     if recompute == "full":
         return a * shape.norm_seq * b * h  # the checkpoint's input; the layer itself is replayed in backward
     norms = 2 * rms_norm_activation_bytes(shape)
