@@ -29,8 +29,8 @@ Memory per GPU (bytes): weights (2 per parameter in fp16/bf16, 4 in fp32), grads
        context parallel cp>1 without recompute: the local k and v give way to the gathered K and V
                              of the whole sequence, a (cp s) b d 2g / t, and the attention output is
                              kept twice (the chunks' kernel outputs and their concatenation), + a s b n d / t
-       --no-flash-attention  adds the s x s probabilities a b n s^2 / t (an estimate, not measured;
-                             cp s^2 under CP); fp32 models get it too, since flash-attn needs fp16/bf16
+       math attention        (``--math-attention``, or fp32 under GQA) adds the s x s probabilities
+                             a b n s^2 / t (cp s^2 under CP), and K and V per query head
    First stage: the token ids (8 s b; 9 s b under TP). Last stage: the final norm, the output layer
    input a s' b h and the cross entropy's fp32 softmax of the local vocabulary shard 4 s b V/t
    (+ 9 s b for its int64 targets and bool mask).
@@ -38,9 +38,9 @@ Memory per GPU (bytes): weights (2 per parameter in fp16/bf16, 4 in fp32), grads
    recompute checkpoint) saves that very tensor.
    Pipeline rank r keeps the activations of its in-flight micro-batches: min(m, pp - r) with 1F1B
    (the first stage holds pp), min(m v, 2 (pp - r - 1) + (v - 1) pp + 1) chunk micro-batches when
-   interleaved with v chunks. Still estimates: allocator fragmentation, temporaries (logits and
-   their fp32 upcast, all-gather buffers, kernel workspaces), CUDA context and NCCL buffers; the
-   10% reserve (RESERVED_FRACTION) stands for them.
+   interleaved with v chunks. Not modelled: allocator fragmentation, kernel workspaces, the CUDA
+   context and NCCL buffers (the 10% reserve, RESERVED_FRACTION, stands for them), and the backward's
+   temporaries off the last stage.
    Attention kernels (what a GPU run calls, ``ActivationShape.from_config``): flash (flash-attn, or
    SDPA's flash backend) writes its output in q's [s, b, n, d] layout, so the dense layer's input is
    a view of it; the memory-efficient kernel (SDPA with a mask tensor: packed SFT; or fp32) writes
