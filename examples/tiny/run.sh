@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU demo, end to end: corpus -> tokenizer -> .bin/.idx -> TP2 x DP2 training on 4 processes
-# -> Hugging Face export -> greedy generation with transformers.
+# -> Hugging Face export -> validation perplexity next to a unigram model of the training tokens, and
+# sampled continuations, with transformers (examples/tiny/eval_lm.py).
 # Usage: [RUN=tiny|tiny_tp2_pp2] bash examples/tiny/run.sh [section.key=value ...]
 # RUN picks the recipe examples/tiny/$RUN.yaml (TP2 x DP2 by default, or TP2 x PP2) and the
 # output directory runs/$RUN.
@@ -18,4 +19,5 @@ torchrun --standalone --nproc_per_node 4 -m megatron_aquila.train "examples/tiny
 rm -rf "runs/$RUN/hf"
 python tools/convert_checkpoint.py to-hf --checkpoint "runs/$RUN/checkpoints" --output "runs/$RUN/hf" \
     --tokenizer-dir data/tiny/tokenizer --dtype fp32
-python examples/tiny/generate.py "runs/$RUN/hf" "The module provides" --tokens 24
+python examples/tiny/eval_lm.py "runs/$RUN/hf" data/tiny/sample_text_document "The module provides" \
+    --recipe "examples/tiny/$RUN.yaml"
