@@ -5,7 +5,7 @@ iteration, each micro-batch it draws (phase ``data`` while the loader produces i
 while the schedule computes), a save, an evaluation. A beat is one attribute assignment. When a
 phase lasts longer than ``distributed.hang_timeout_minutes`` with no new beat, the thread writes
 one line with the rank's grid coordinates and its position (phase, iteration, the last micro-batch
-drawn) and then every thread's Python stack (``faulthandler``) to stderr, and ends the process with
+drawn) and then every thread's Python stack, all in one write, to stderr, and ends the process with
 ``HANG_EXIT_CODE``; torchrun then stops the other ranks.
 
 A rank stuck on its own (a sleep, a deadlock, a dead filesystem) holds the others in their next
@@ -17,12 +17,12 @@ watchdogs, whose deadlines fall within the same moment, to dump theirs.
 """
 from __future__ import annotations
 
-import faulthandler
 import logging
 import os
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Optional
 
@@ -48,6 +48,13 @@ class Position:
             drawing = "drawing" if self.phase == "data" else "drawn"
             where += f", micro-batch {self.microbatch + 1} of {self.microbatches} {drawing}"
         return where
+
+
+def thread_stacks() -> str:
+    """Every thread's Python stack, innermost call last, as ``traceback`` prints them."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    return "".join(f"\nThread {names.get(ident, ident)} (most recent call last):\n" + "".join(traceback.format_stack(frame))
+                   for ident, frame in sys._current_frames().items())
 
 
 class Watchdog:
@@ -91,11 +98,13 @@ class Watchdog:
 
     def _fire(self, position: Position) -> None:
         seconds = time.monotonic() - position.since
-        sys.stderr.write(f"watchdog: {self.label}: no progress for {seconds:.1f} s in {position.describe()}, longer "
-                         f"than distributed.hang_timeout_minutes {self.timeout_minutes:g}; the stacks of every "
-                         f"thread follow, then this process exits with code {HANG_EXIT_CODE}\n")
+        header = (f"watchdog: {self.label}: no progress for {seconds:.1f} s in {position.describe()}, longer "
+                  f"than distributed.hang_timeout_minutes {self.timeout_minutes:g}; the stacks of every "
+                  f"thread follow, then this process exits with code {HANG_EXIT_CODE}\n")
         sys.stderr.flush()
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        # One write: the other ranks' watchdogs dump into the same log at the same moment, and a dump
+        # written piece by piece (faulthandler's) would interleave with theirs.
+        os.write(sys.stderr.fileno(), (header + thread_stacks()).encode(errors="replace"))
         time.sleep(EXIT_GRACE_SECONDS)
         for handler in logging.getLogger().handlers:
             handler.flush()

@@ -80,8 +80,8 @@ def test_a_stalled_rank_makes_every_rank_dump_its_stacks_and_the_job_end(tmp_pat
         header = re.search(rf"watchdog: rank {rank} \(tp 0 cp 0 pp 0 dp {rank}\): no progress for [\d.]+ s in "
                            r"phase 'iteration', iteration 2\b.*", text)
         assert header is not None, f"rank {rank} dumped no stacks:\n{text[-6000:]}"
-    assert re.search(r"trainer\.py\", line \d+ in apply", text), text[-6000:]  # rank 1, in the injected sleep
-    assert re.search(r"data_parallel\.py\", line \d+ in finish_grad_sync", text), text[-6000:]  # rank 0, waiting
+    assert re.search(r"trainer\.py\", line \d+, in apply", text), text[-6000:]  # rank 1, in the injected sleep
+    assert re.search(r"data_parallel\.py\", line \d+, in finish_grad_sync", text), text[-6000:]  # rank 0, waiting
 
 
 def test_the_straggler_line_names_the_slow_rank(tmp_path):
