@@ -63,7 +63,7 @@ import torch
 
 from megatron_aquila.config import Config
 from megatron_aquila.model.aquila import AquilaModel
-from megatron_aquila.model.kernels import KernelChoice
+from megatron_aquila.model.kernels import KernelChoice, flash_attention_applies
 from megatron_aquila.model.lora import LORA_PARAMETERS, LoraSettings, apply_lora
 from megatron_aquila.parallel.context import DescribedGroup, ParallelContext, ProcessGroup
 from megatron_aquila.parallel.pipeline.partition import chunk_has_embedding, chunk_has_head, chunk_layer_ids
@@ -170,13 +170,12 @@ class ActivationShape:
         for causal fp16/bf16; the memory-efficient kernel for a document mask (packed SFT) or fp32; the math
         path (s x s scores stored) for fp32 under GQA, or everywhere with ``math_attention``."""
         m, p = config.model, config.parallel
-        fused_dtype = config.precision.dtype in ("bf16", "fp16")
-        if math_attention or (not fused_dtype and m.kv_heads != m.num_attention_heads and not config.data.sft):
-            kernel = "math"
-        elif config.data.sft or not fused_dtype:
-            kernel = "efficient"
-        else:
+        if flash_attention_applies(config.precision.torch_dtype, config.data.sft) and not math_attention:
             kernel = "flash"
+        elif math_attention or (m.kv_heads != m.num_attention_heads and not config.data.sft):
+            kernel = "math"  # fp32 under GQA: no fused kernel without a mask takes it
+        else:
+            kernel = "efficient"
         lora = config.finetune.lora
         return cls(
             seq_length=m.seq_length // p.context_parallel, micro_batch=config.training.micro_batch_size,

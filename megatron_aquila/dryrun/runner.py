@@ -40,7 +40,7 @@ from megatron_aquila.dryrun import cuda_kernels
 from megatron_aquila.dryrun.comm import CollectiveLog
 from megatron_aquila.dryrun.memory import MemorySnapshot, MemoryTracker
 from megatron_aquila.dryrun.syncs import HostSyncCounter
-from megatron_aquila.model.kernels import _flash_attn, _torch_sdpa
+from megatron_aquila.model.kernels import _flash_attn, _torch_sdpa, flash_attention_applies
 from megatron_aquila.optim.lr_schedule import LRScheduler
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.trainer import Trainer
@@ -139,9 +139,8 @@ def _label_persistent(memory: MemoryTracker, parts: TrainerParts) -> None:
 
 
 def _choose_attention(config: Config, attention: str) -> str:
-    """flash-attn needs fp16/bf16 and takes no document mask: torch SDPA runs those on a GPU
-    (``model/kernels.py`` choose_kernels)."""
-    if attention == "flash-attn" and (config.data.sft or config.precision.dtype == "fp32"):
+    """flash-attn where it applies (``model/kernels.py`` flash_attention_applies), else torch SDPA, as on a GPU."""
+    if attention == "flash-attn" and not flash_attention_applies(config.precision.torch_dtype, config.data.sft):
         return "sdpa"
     return attention
 

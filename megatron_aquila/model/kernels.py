@@ -98,17 +98,21 @@ class KernelChoice:
         return f"attention kernel: {self.attention}; rmsnorm kernel: {self.norm}"
 
 
+def flash_attention_applies(dtype: torch.dtype, document_attention: bool) -> bool:
+    """Whether a flash kernel can run this model's attention: fp16/bf16, and no per-document mask (the
+    varlen kernels are not wired in). The kernel choice here, the dry run and the planner share it."""
+    return dtype in (torch.float16, torch.bfloat16) and not document_attention
+
+
 def select_kernels(device: torch.device | str, dtype: torch.dtype, context_parallel: bool = False,
                    document_attention: bool = False) -> KernelChoice:
     """The fastest available kernels for parameters of ``dtype`` on ``device``; under context
     parallelism the attention kernel must take a bottom-right causal mask (not our TE wrapper), and
     with per-document attention it must take a document mask (torch SDPA only, for now)."""
     cuda = torch.device(device).type == "cuda"
-    if document_attention:
-        attention = "torch-sdpa"
-    elif cuda and dtype in (torch.float16, torch.bfloat16) and _importable("flash_attn"):
+    if cuda and flash_attention_applies(dtype, document_attention) and _importable("flash_attn"):
         attention = "flash-attn"
-    elif cuda and _importable("transformer_engine") and not context_parallel:
+    elif cuda and _importable("transformer_engine") and not (context_parallel or document_attention):
         attention = "transformer-engine"
     else:
         attention = "torch-sdpa"
