@@ -104,6 +104,8 @@ class ParallelConfig:
     distributed_optimizer: bool = False     # ZeRO-1: shard fp32 master params and Adam state over DP
     overlap_grad_reduce: bool = True        # reduce each bucket as soon as its grads are ready
     grad_bucket_size_mb: float = 40.0
+    tp_comm_overlap: bool = True            # backward: TP grad-input reduce runs while the weight-grad GEMM does
+    overlap_param_gather: bool = True       # ZeRO-1: updated params gathered per bucket during the next forward
 
 
 @dataclass

@@ -39,6 +39,10 @@ fi
 
 # One CPU thread pool per process is plenty: the GPU does the work.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# One CUDA work queue per device: kernels start in the order they are launched, so a collective launched
+# before a GEMM (parallel.tp_comm_overlap, docs/design.md "TP communication overlap") runs beside it
+# instead of queueing behind it (Megatron-LM requires the same).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 # NCCL flight recorder: each rank keeps its last TORCH_NCCL_TRACE_BUFFER_SIZE collectives, and when one
 # waits longer than distributed.nccl_timeout_minutes every rank writes them to
 # $NCCL_TRACE_DIR/nccl_trace_rank_<global rank>, on its own node (NCCL_TRACE_DIR must exist there;

@@ -91,7 +91,8 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig, tp_group: ProcessGroup, attention_fn: AttentionFn,
                  rng: RNGStatesTracker, *, sequence_parallel: bool, selective_recompute: bool,
-                 params_dtype: torch.dtype, device: torch.device | str | None, cp_group: ProcessGroup = None):
+                 params_dtype: torch.dtype, device: torch.device | str | None, cp_group: ProcessGroup = None,
+                 tp_comm_overlap: bool = True):
         super().__init__()
         self.cp_group = cp_group if group_size(cp_group) > 1 else None
         tp = group_size(tp_group)
@@ -107,7 +108,8 @@ class Attention(nn.Module):
         self.rng = rng
         self.core = attention_fn
         self.qkv = ColumnParallelLinear(config.hidden_size, (n + 2 * g) * d, tp_group,
-                                        sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
+                                        sequence_parallel=sequence_parallel, tp_comm_overlap=tp_comm_overlap,
+                                        params_dtype=params_dtype, device=device)
         self.dense = RowParallelLinear(n * d, config.hidden_size, tp_group,
                                        sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
 
@@ -191,7 +193,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, tp_group: ProcessGroup, rng: RNGStatesTracker, *,
                  attention_fn: AttentionFn, norm_fn: NormFn, sequence_parallel: bool = False,
                  recompute: str = "none", params_dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None, cp_group: ProcessGroup = None):
+                 device: torch.device | str | None = None, cp_group: ProcessGroup = None,
+                 tp_comm_overlap: bool = True):
         super().__init__()
         if recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute {recompute!r} must be one of {RECOMPUTE_MODES}")
@@ -201,7 +204,8 @@ class TransformerBlock(nn.Module):
         self.hidden_dropout = config.hidden_dropout
         self.rng = rng
         norm = dict(sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
-        linear = dict(sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
+        linear = dict(sequence_parallel=sequence_parallel, tp_comm_overlap=tp_comm_overlap, params_dtype=params_dtype,
+                      device=device)
         self.input_norm = RMSNorm(config.hidden_size, config.norm_eps, norm_fn, **norm)
         self.attention = Attention(config, tp_group, attention_fn, rng, selective_recompute=recompute == "selective",
                                    cp_group=cp_group, **linear)

@@ -8,6 +8,12 @@ along the named dimension; ``sum_r`` sums the per-rank tensors.
 Collectives along dim 0 run on one flat tensor on every backend (NCCL and gloo alike):
 ``all_gather_single`` writes [X_1; ...; X_p] into one [p * s, ...] tensor, and
 ``reduce_scatter_single`` leaves rank r chunk r of sum_q X_q in a [s / p, ...] tensor.
+
+``start_all_reduce``, ``start_all_gather_dim0`` and ``start_reduce_scatter_dim0`` launch the same
+collectives with ``async_op=True`` and return the result tensor with its ``dist.Work``: the tensor
+holds the result only after ``work.wait()``, and neither it nor the input may be touched before.
+They serve the overlapped backward of the column-parallel layer (``layers.py``). The blocking
+versions call c10d with ``async_op=False``, the form ``torch.compile`` traces (it refuses ``async_op=True``).
 """
 from __future__ import annotations
 
@@ -25,6 +31,15 @@ def _check_divisible(x: torch.Tensor, dim: int, world: int, what: str) -> int:
     return x.shape[dim] // world
 
 
+def _gather_output(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return x.new_empty((group_size(group) * x.shape[0],) + tuple(x.shape[1:]))  # [p * s, ...]
+
+
+def _scatter_output(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    chunk = _check_divisible(x, 0, group_size(group), "reduce-scatter")
+    return x.new_empty((chunk,) + tuple(x.shape[1:]))  # [s/p, ...]
+
+
 def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """sum_r x_r, in place in ``x`` (which must be contiguous and owned by the caller)."""
     dist.all_reduce(x, group=group)
@@ -34,7 +49,7 @@ def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 def _all_gather_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """[X_1; ...; X_p] concatenated along dim 0: [s, ...] on each rank -> [p * s, ...]."""
     x = x.contiguous()
-    out = x.new_empty((group_size(group) * x.shape[0],) + tuple(x.shape[1:]))  # [p * s, ...]
+    out = _gather_output(x, group)  # [p * s, ...]
     all_gather_single(out, x, group=group)
     return out
 
@@ -42,10 +57,28 @@ def _all_gather_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 def _reduce_scatter_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Chunk r (along dim 0) of sum_q x_q: [s, ...] on each rank -> [s/p, ...], in a tensor that owns
     its storage."""
-    chunk = _check_divisible(x, 0, group_size(group), "reduce-scatter")
-    out = x.new_empty((chunk,) + tuple(x.shape[1:]))  # [s/p, ...]
+    out = _scatter_output(x, group)  # [s/p, ...]
     reduce_scatter_single(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group)
     return out
+
+
+def start_all_reduce(x: torch.Tensor, group: ProcessGroup) -> dist.Work:
+    """Launch ``_all_reduce``: sum_r x_r in place in ``x`` (contiguous, owned by the caller) after ``wait()``."""
+    return dist.all_reduce(x, group=group, async_op=True)
+
+
+def start_all_gather_dim0(x: torch.Tensor, group: ProcessGroup) -> tuple[torch.Tensor, dist.Work]:
+    """Launch ``_all_gather_dim0``: [s, ...] on each rank -> [p * s, ...], valid after ``wait()``."""
+    x = x.contiguous()
+    out = _gather_output(x, group)  # [p * s, ...]
+    return out, all_gather_single(out, x, group=group, async_op=True)
+
+
+def start_reduce_scatter_dim0(x: torch.Tensor, group: ProcessGroup) -> tuple[torch.Tensor, dist.Work]:
+    """Launch ``_reduce_scatter_dim0``: [s, ...] -> [s/p, ...] (owning its storage), valid after ``wait()``;
+    ``x`` must be contiguous and not be written before."""
+    out = _scatter_output(x, group)  # [s/p, ...]
+    return out, reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
 
 class _CopyToTP(torch.autograd.Function):
