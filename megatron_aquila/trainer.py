@@ -30,6 +30,12 @@ iteration I, ``rank=R,iteration=I,sleep=S`` sleeps S seconds there instead (a st
 Checkpoints (``megatron_aquila.checkpoint``): saved every ``checkpoint.save_interval`` iterations
 and whenever the loop stops (end of training, exit_interval, exit_duration_minutes, or a
 SIGTERM/SIGUSR1 that any rank received: the flag is agreed over the world after each iteration).
+
+ZeRO-1 parameter gather (``parallel.overlap_param_gather``, ``optim/param_gather.py``): the step
+returns with its parameter all-gathers in flight, and the next iteration's forward waits for each
+bucket where it first needs it. Reading parameters anywhere else waits for all of them first
+(``optimizer.finish_param_gather``): before a checkpoint save, an evaluation, and at the end of
+training. ``param_gather_seconds`` is the time the last iteration was blocked waiting for gathers.
 """
 from __future__ import annotations
 
@@ -123,12 +129,14 @@ class Trainer:
                             if self.use_samples else config.training.train_iters)
         self.last_saved_iteration = self.state.iteration  # a fresh run or the checkpoint just loaded
         self.saver = CheckpointSaver(config, ctx)
+        self.param_gather_seconds = 0.0  # host time the last iteration waited for ZeRO-1 parameter gathers
 
     def save_checkpoint(self) -> None:
         """Save at the current iteration when ``checkpoint.save`` is set (once per iteration)."""
         if self.config.checkpoint.save is None or self.state.iteration == self.last_saved_iteration:
             return
         self.watchdog.beat("save", self.state.iteration)
+        self.parts.optimizer.finish_param_gather()   # the saved (and staged) parameters are the stepped ones
         self.saver.save(self.parts, self.state)
         self.last_saved_iteration = self.state.iteration
 
@@ -185,6 +193,7 @@ class Trainer:
     def evaluate(self) -> Optional[float]:
         if self.parts.valid_stream is None:
             return None
+        self.parts.optimizer.finish_param_gather()
         for model in self.parts.model_chunks:
             model.eval()
         num_microbatches = self.parts.batch_schedule.num_microbatches_at(self.state.consumed_train_samples)
@@ -216,6 +225,7 @@ class Trainer:
     def train(self) -> TrainingState:
         stream = self.parts.train_stream(self.state.consumed_train_samples)
         self._loop(stream)   # an exception leaves at once: no wait for a background save (docs/design.md)
+        self.parts.optimizer.finish_param_gather()   # the returned model holds the last step's parameters
         stream.close()  # shut the data loader down now, not at interpreter exit
         self.watchdog.beat("save", self.state.iteration)  # the last save, and the wait for a background one
         self.save_checkpoint()
@@ -259,14 +269,15 @@ class Trainer:
         global_batch = parts.batch_schedule.global_batch_at(consumed)
         num_microbatches = parts.batch_schedule.num_microbatches_at(consumed)
         self.watchdog.beat("iteration", iteration)
-        tick = time.perf_counter()
+        tick, waited = time.perf_counter(), parts.optimizer.param_gather_seconds
         self.stragglers.start()
         if self.fault is not None:
             self.fault.apply(self.ctx.rank, iteration)
         loss, result, losses = self.train_step(self._watched(stream, iteration, num_microbatches), num_microbatches)
-        if self.ctx.device.type == "cuda":
-            torch.cuda.synchronize(self.ctx.device)
+        if self.ctx.device.type == "cuda":  # the step's kernels, not the parameter gathers left in flight
+            torch.cuda.current_stream(self.ctx.device).synchronize()
         seconds = time.perf_counter() - tick
+        self.param_gather_seconds = parts.optimizer.param_gather_seconds - waited
         self.stragglers.record()
         state.iteration += 1
         state.consumed_train_samples += global_batch

@@ -175,6 +175,7 @@ def measure_step(config: Config, ctx: ParallelContext, settings: DryRunSettings,
                 comm.reset()
             _step_or_explain(trainer, stream, microbatches, ctx)
         measured = (memory.peak, memory.peak_site, syncs.per_iteration(1), comm.per_iteration(1))
+        optimizer.finish_param_gather()   # the last step's ZeRO-1 gathers (overlap_param_gather) before reading
         lora = config.finetune.lora is not None
         staged_tensors = [tensor for value in owned_save_state(chunks, optimizer, ctx, lora, with_moments=True).values()
                           for tensor in value.tensors()]

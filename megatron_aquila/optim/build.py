@@ -25,11 +25,13 @@ def make_grad_scaler(precision: PrecisionConfig) -> Optional[DynamicGradScaler]:
 def build_optimizer(model_chunks: list[nn.Module], grad_buffers: list[DataParallelGradBuffer],
                     config: OptimizerConfig, precision: PrecisionConfig, ctx: ParallelContext,
                     distributed: bool, grad_scaler: Optional[GradScaler] = None,
-                    fused: Optional[bool] = None) -> MixedPrecisionOptimizer:
+                    fused: Optional[bool] = None, overlap_param_gather: bool = False) -> MixedPrecisionOptimizer:
     """The plain or ZeRO-1 optimizer over the chunks' grad buffers (one buffer per chunk, same order).
 
     ``grad_scaler`` overrides the default (dynamic for fp16, none for bf16/fp32); ``fused`` the AdamW
-    kernel's default (``MixedPrecisionOptimizer``).
+    kernel's default (``MixedPrecisionOptimizer``). ``overlap_param_gather`` (``parallel.overlap_param_gather``)
+    applies to ZeRO-1 only: its parameter all-gathers are left in flight after a step and waited for by the
+    next forward (``optim/param_gather.py``); the plain optimizer gathers nothing and ignores it.
     """
     if len(model_chunks) != len(grad_buffers) or any(b.module is not m for m, b in zip(model_chunks, grad_buffers)):
         raise ValueError(f"need one grad buffer per model chunk in the same order: got {len(model_chunks)} chunks "
@@ -38,5 +40,6 @@ def build_optimizer(model_chunks: list[nn.Module], grad_buffers: list[DataParall
         raise ValueError("the distributed optimizer needs grad buffers built with distributed_optimizer=True "
                          "(padded buckets, reduce-scatter)")
     scaler = grad_scaler if grad_scaler is not None else make_grad_scaler(precision)
-    cls = DistributedOptimizer if distributed else MixedPrecisionOptimizer
-    return cls(grad_buffers, config, ctx, scaler, fused)
+    if distributed:
+        return DistributedOptimizer(grad_buffers, config, ctx, scaler, fused, overlap_param_gather)
+    return MixedPrecisionOptimizer(grad_buffers, config, ctx, scaler, fused)

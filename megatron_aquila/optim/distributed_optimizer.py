@@ -6,36 +6,43 @@ Each grad-buffer bucket ``B`` (padded so d | |B| for DP size d) is split into d 
 ``B = [B_0, ..., B_{d-1}]``; DP rank r owns ``B_r``. After the buffer's reduce-scatter, rank r
 holds the DP-averaged grads of its shard, keeps fp32 masters and Adam moments for exactly the
 parameter pieces inside ``B_r``, and steps them. AdamW is elementwise, so stepping pieces gives
-the same numbers as stepping whole parameters. Then the updated pieces are all-gathered per
-bucket in the model dtype:
+the same numbers as stepping whole parameters. Then each rank writes its updated pieces, cast to
+the model dtype, into its own shard of the bucket's parameter storage (the parameters are views of
+one contiguous tensor per bucket, laid out like its grads) and the buckets are all-gathered:
 
-    P_B = [P_B_0; ...; P_B_{d-1}],  P_B_r = cast(master pieces in B_r)   (then each parameter is copied out)
+    P_B = [P_B_0; ...; P_B_{d-1}],  P_B_r = cast(master pieces in B_r)
 
-by one ``all_gather_single`` per bucket, in place (rank r's input is the view ``P_B_r`` of
-the output ``P_B``), on NCCL and gloo alike.
+by one in-place ``all_gather_single`` per bucket (``optim/param_gather.py``), on NCCL and gloo alike.
+With ``overlap_param_gather`` the step returns with the gathers in flight and the next forward
+waits for each bucket just before its first use; ``finish_param_gather`` waits for all of them
+(the next step calls it before touching the shards).
 The global grad norm sums the squares of each rank's pieces (TP counting as in the plain
 optimizer) and all-reduces over the world: the shards partition every parameter, so each
 element is counted exactly once.
 """
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
+from typing import Optional
+
 from torch import nn
 
-from megatron_aquila.optim.optimizer import MasterPiece, MixedPrecisionOptimizer
-from megatron_aquila.parallel.collectives import all_gather_single
-from megatron_aquila.parallel.context import ProcessGroup
+from megatron_aquila.config import OptimizerConfig
+from megatron_aquila.optim.optimizer import GradScaler, MasterPiece, MixedPrecisionOptimizer
+from megatron_aquila.optim.param_gather import ParamGather
+from megatron_aquila.parallel.context import ParallelContext, ProcessGroup
 from megatron_aquila.parallel.data_parallel import DataParallelGradBuffer
 
 
-# All-gathers of updated buckets in flight at once in ``_publish``: one runs while the previous bucket is
-# copied into the parameters, and at most this many bucket-sized buffers exist (not a copy of the model).
-GATHERS_IN_FLIGHT = 2
-
-
 class DistributedOptimizer(MixedPrecisionOptimizer):
+    """``overlap_param_gather``: leave the parameter all-gathers in flight after ``step`` (module docstring)."""
+
     kind = "distributed"
+
+    def __init__(self, grad_buffers: list[DataParallelGradBuffer], config: OptimizerConfig,
+                 ctx: ParallelContext, grad_scaler: Optional[GradScaler] = None, fused: Optional[bool] = None,
+                 overlap_param_gather: bool = False):
+        super().__init__(grad_buffers, config, ctx, grad_scaler, fused)
+        self.param_gather = ParamGather(grad_buffers, ctx, overlap_param_gather) if ctx.dp_cp_size > 1 else None
 
     def _param_ranges(self, buffer: DataParallelGradBuffer) -> list[tuple[nn.Parameter, int, int]]:
         return buffer.owned_pieces()
@@ -45,48 +52,23 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         master = param.detach().reshape(-1)[lo:hi].float().clone()   # [hi - lo]
         grad = param.main_grad.view(-1)[lo:hi]                          # [hi - lo] view into the buffer
         return MasterPiece(chunk, buffer.name_of(param), param, lo, hi, master, grad,
-                           buffer.range_of(param)[0] + lo, self._counts_in_norm(param), param.dim() > 1)
+                           self._counts_in_norm(param), param.dim() > 1)
 
     @property
     def _norm_group(self) -> ProcessGroup:
         return self.ctx.world_group
 
     def _publish(self) -> None:
-        """All-gather the updated shards of every bucket and copy them into the parameters."""
-        dp_group = self.ctx.dp_cp_group   # ZeRO-1 shards over every rank holding the same weights (DP x CP)
-        dp_size = self.ctx.dp_cp_size
-        if dp_size == 1:
-            for piece in self.pieces:
-                piece.param.data.view(-1)[piece.lo:piece.hi].copy_(piece.master)
-            return
-        pieces_by_chunk: list[list[MasterPiece]] = [[] for _ in self.grad_buffers]
+        """Write the updated pieces into this rank's shards of the parameters and all-gather every bucket."""
         for piece in self.pieces:
-            pieces_by_chunk[piece.chunk].append(piece)
-        pending: list = []
-        for buffer, pieces in zip(self.grad_buffers, pieces_by_chunk):
-            for bucket in buffer.buckets:
-                if len(pending) == GATHERS_IN_FLIGHT:  # bound the gathered copies alive at once
-                    self._copy_gathered(*pending.pop(0))
-                dtypes = {p.dtype for p in bucket.params}
-                if len(dtypes) != 1:
-                    raise TypeError(f"grad bucket {bucket.index} mixes parameter dtypes {sorted(map(str, dtypes))}; "
-                                    "the distributed optimizer gathers one dtype per bucket: keep a chunk in one dtype")
-                gathered = torch.zeros(bucket.numel, dtype=dtypes.pop(), device=buffer.buffer.device)  # [bucket]
-                shard_start, shard_end = bucket.shard_range(buffer.dp_rank, dp_size)
-                for piece in pieces:
-                    if shard_start <= piece.buffer_offset < shard_end:
-                        at = piece.buffer_offset - bucket.start
-                        gathered[at:at + piece.hi - piece.lo].copy_(piece.master)
-                local = gathered[shard_start - bucket.start:shard_end - bucket.start]  # [bucket / dp], a view
-                work = all_gather_single(gathered, local, group=dp_group, async_op=True)
-                pending.append((work, buffer, bucket, gathered))
-        for entry in pending:
-            self._copy_gathered(*entry)
+            piece.param.data.view(-1)[piece.lo:piece.hi].copy_(piece.master)
+        if self.param_gather is not None:
+            self.param_gather.start()
 
-    @staticmethod
-    def _copy_gathered(work, buffer: DataParallelGradBuffer, bucket, gathered: torch.Tensor) -> None:
-        """Wait for one bucket's all-gather and copy it into the parameters."""
-        work.wait()
-        for param in bucket.params:
-            start, end = buffer.range_of(param)
-            param.data.copy_(gathered[start - bucket.start:end - bucket.start].view_as(param))
+    def finish_param_gather(self) -> None:
+        if self.param_gather is not None:
+            self.param_gather.finish()
+
+    @property
+    def param_gather_seconds(self) -> float:
+        return self.param_gather.blocked_seconds if self.param_gather is not None else 0.0

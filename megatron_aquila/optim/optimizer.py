@@ -21,6 +21,10 @@ One step (after ``finish_grad_sync`` on every grad buffer), with loss scale ``S`
 5. AdamW on the fp32 masters (no weight decay on 1-D parameters: norms, biases) with the lr set
    by ``set_lr``, then copy the masters into the model parameters (cast to their dtype).
 
+The distributed optimizer may leave its parameter all-gathers in flight when ``step`` returns
+(``parallel.overlap_param_gather``); ``finish_param_gather`` waits for them (a no-op here), and
+whatever reads the parameters outside a forward calls it first. ``step`` itself does, before step 1.
+
 Master parameters: an fp32 model parameter is its own master; bf16/fp16 ones get fp32 copies.
 """
 from __future__ import annotations
@@ -61,7 +65,6 @@ class MasterPiece:
     hi: int
     master: torch.Tensor       # fp32; the param itself (fp32, whole) or a copy of the piece
     grad: torch.Tensor         # fp32 view into the grad buffer, shaped like ``master``
-    buffer_offset: int         # where element ``lo`` of the param sits in the grad buffer
     counts_in_norm: bool       # TP-sharded, or replicated and this is TP rank 0
     decays: bool               # weight decay applies (parameters of 2 or more dims)
 
@@ -100,7 +103,7 @@ class MixedPrecisionOptimizer:
                     lo: int, hi: int) -> MasterPiece:
         master = param if param.dtype == torch.float32 else param.detach().float().clone()
         return MasterPiece(chunk, buffer.name_of(param), param, lo, hi, master, param.main_grad,
-                           buffer.range_of(param)[0] + lo, self._counts_in_norm(param), param.dim() > 1)
+                           self._counts_in_norm(param), param.dim() > 1)
 
     def _counts_in_norm(self, param: nn.Parameter) -> bool:
         return bool(getattr(param, "tensor_model_parallel", False)) or self.ctx.tp_rank == 0
@@ -114,6 +117,14 @@ class MixedPrecisionOptimizer:
         for piece in self.pieces:
             if piece.master is not piece.param:
                 piece.param.data.copy_(piece.master)
+
+    def finish_param_gather(self) -> None:
+        """Wait until every parameter is whole and current (module docstring); nothing is in flight here."""
+
+    @property
+    def param_gather_seconds(self) -> float:
+        """Host seconds spent waiting for parameter all-gathers so far (ZeRO-1 only; 0 here)."""
+        return 0.0
 
     # ------------------------------------------------------------------ the step
     @property
@@ -152,6 +163,7 @@ class MixedPrecisionOptimizer:
         return math.sqrt(self._all_reduce(squares, self._norm_group).item())
 
     def step(self) -> StepResult:
+        self.finish_param_gather()   # the last step's gathers: its shards are about to be rewritten
         scale = self.loss_scale
         grads = [p.grad for p in self.pieces]
         if scale != 1.0 and grads:
