@@ -45,8 +45,11 @@ Memory per GPU (bytes): weights (2 per parameter in fp16/bf16, 4 in fp32), grads
    SDPA's flash backend) writes its output in q's [s, b, n, d] layout, so the dense layer's input is
    a view of it; the memory-efficient kernel (SDPA with a mask tensor: packed SFT; or fp32) writes
    [b, s, n, d], so with b > 1 the dense input is a second copy, and its logsumexp rows are padded
-   to 32. Packed SFT adds one additive document mask [b, 1, s, cp s] per micro-batch (built once,
-   shared by every layer). LoRA adds its r-wide products and, with dropout, the boolean masks
+   to 32. Packed SFT on flash-attn's varlen kernel (model/packed_attention.py) saves what flash does,
+   but its output is [b s, n, d], so with b > 1 the dense input is a copy, and under CP with b > 1 the
+   keys and values it saves are batch-major copies of each chunk's key prefix; on the memory-efficient
+   kernel (attention dropout) it adds one additive document mask [b, 1, s, cp s] per micro-batch
+   (built once, shared by every layer). LoRA adds its r-wide products and, with dropout, the boolean masks
    (``lora_activation_bytes``); its frozen embedding and output layer save no inputs.
    Temporaries: the last stage peaks inside the last micro-batch's cross entropy, where the logits
    in the model dtype and the fp32 softmax being built (not yet saved) are alive
@@ -77,6 +80,7 @@ ATTENTION_KERNEL_NOTES = {
     "flash": "flash (flash-attn or SDPA's flash backend: no s x s scores stored)",
     "efficient": "memory-efficient (SDPA with a mask tensor, or fp32: no s x s scores stored)",
     "math": "math path, s x s scores stored (estimate)",
+    "varlen": "flash-attn varlen (packed documents: no s x s mask or scores stored)",
 }
 
 
@@ -158,6 +162,7 @@ class ActivationShape:
     recompute: str            # none | selective | full
     dtype_bytes: int          # a: 2 for fp16/bf16 activations, 4 for fp32
     attention_kernel: str = "flash"   # flash | efficient (a mask tensor, or fp32) | math (s x s scores stored)
+                                      # | varlen (packed SFT on flash-attn: batch-major copies, no mask)
     cp: int = 1               # context parallel: attention sees the keys of cp x seq_length tokens
     document_mask: bool = False  # packed SFT: one [b, 1, s, cp s] additive mask per micro-batch
     lora_targets: tuple[str, ...] = ()  # finetune.lora targets (frozen base weights)
@@ -167,12 +172,18 @@ class ActivationShape:
     @classmethod
     def from_config(cls, config: Config, *, math_attention: bool = False) -> "ActivationShape":
         """The shape of a GPU run of ``config``. Attention: a flash kernel (flash-attn, or torch SDPA's own)
-        for causal fp16/bf16; the memory-efficient kernel for a document mask (packed SFT) or fp32; the math
-        path (s x s scores stored) for fp32 under GQA, or everywhere with ``math_attention``."""
+        for causal fp16/bf16; for packed SFT what ``packed_attention_path`` picks on a GPU with flash-attn
+        and FlexAttention (varlen in fp16/bf16; FlexAttention, which saves what flash does, in fp32; the
+        memory-efficient kernel with the document mask under attention dropout); the memory-efficient
+        kernel for fp32; the math path (s x s scores stored) for fp32 under GQA, or everywhere with
+        ``math_attention``."""
         m, p = config.model, config.parallel
-        if flash_attention_applies(config.precision.torch_dtype, config.data.sft) and not math_attention:
+        packed = packed_attention_path("cuda", config.precision.torch_dtype, True, True, m.attention_dropout)
+        if config.data.sft and not math_attention:
+            kernel = {"varlen": "varlen", "flex": "flash", "dense": "efficient"}[packed]
+        elif flash_attention_applies(config.precision.torch_dtype) and not math_attention:
             kernel = "flash"
-        elif math_attention or (m.kv_heads != m.num_attention_heads and not config.data.sft):
+        elif math_attention or m.kv_heads != m.num_attention_heads:
             kernel = "math"  # fp32 under GQA: no fused kernel without a mask takes it
         else:
             kernel = "efficient"
@@ -184,8 +195,9 @@ class ActivationShape:
             padded_vocab=m.padded_vocab_size(p.tensor_parallel), tp=p.tensor_parallel,
             sequence_parallel=p.sequence_parallel and p.tensor_parallel > 1, recompute=config.training.recompute,
             dtype_bytes=MODEL_DTYPE_BYTES[config.precision.dtype], attention_kernel=kernel, cp=p.context_parallel,
-            document_mask=config.data.sft, lora_targets=tuple(lora.targets) if lora else (),
-            lora_rank=lora.rank if lora else 0, lora_dropout=bool(lora and lora.dropout > 0))
+            document_mask=config.data.sft and kernel in ("efficient", "math"),
+            lora_targets=tuple(lora.targets) if lora else (), lora_rank=lora.rank if lora else 0,
+            lora_dropout=bool(lora and lora.dropout > 0))
 
     @property
     def lora(self) -> bool:
@@ -236,9 +248,11 @@ def _saved_keys_and_values(shape: ActivationShape, recompute: str) -> int:
                                shape.heads, shape.kv_heads, shape.cp)
     if recompute != "none":  # the checkpointed core keeps its inputs, the local k and v
         return a * s * b * 2 * g * d // t
-    if shape.attention_kernel != "flash" and g != n:
+    if shape.attention_kernel not in ("flash", "varlen") and g != n:
         keys = s if cp == 1 else (2 * cp + 1) * s // 2
         return a * keys * b * 2 * n * d // t
+    if shape.attention_kernel == "varlen" and cp > 1 and b > 1:  # batch-major copies of each chunk's key prefix
+        return a * (2 * cp + 1) * s // 2 * b * 2 * g * d // t
     return a * cp * s * b * 2 * g * d // t
 
 
@@ -246,7 +260,7 @@ def _logsumexp_bytes(shape: ActivationShape) -> int:
     """The attention kernel's fp32 logsumexp [b, n/t, rows]: rows = s (flash), s rounded up to 32 per call
     (memory-efficient: one call per CP chunk of s / 2 rows under context parallelism)."""
     s, b, n, t = shape.seq_length, shape.micro_batch, shape.heads, shape.tp
-    if shape.attention_kernel == "flash":
+    if shape.attention_kernel in ("flash", "varlen"):
         return 4 * b * n * s // t
     calls, rows = (2, s // 2) if shape.cp > 1 else (1, s)
     return 4 * b * n * calls * (32 * math.ceil(rows / 32)) // t

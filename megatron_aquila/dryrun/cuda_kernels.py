@@ -13,6 +13,16 @@ stand-in that returns outputs of the right shape and saves for backward what the
                                                   one is given; no GQA
     math (SDPA's fallback)                        q, k, v (per query head under GQA) and the
                                                   probabilities [b, n, sq, sk] in the input dtype
+    flash varlen (flash-attn, packed documents)   q, k, v [total, heads, d], out [total_q, n, d] (a new
+                                                  buffer), logsumexp [n, total_q] fp32 (the unpadded
+                                                  layout; releases before it pad to [documents, n,
+                                                  max_seqlen_q], which fake tensors cannot size), and
+                                                  cu_seqlens_q, cu_seqlens_k int32; GQA native
+    FlexAttention (packed documents)              q, k, v, out (in q's layout), logsumexp [b, n, sq]
+                                                  fp32 and the block mask (its own tensors, built by
+                                                  torch's create_block_mask on the fake tensors and
+                                                  cached per micro-batch: about 4 x b x (s/128)^2 int32
+                                                  indices, a few KiB); GQA native
 
 ``cuda_sdpa`` chooses among them as CUDA SDPA does for the calls our wrapper makes. The stand-ins
 compute nothing: they refuse real tensors.
@@ -62,6 +72,24 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     b, sq, n, _ = q.shape
     lse = q.new_empty((b, n, sq), dtype=torch.float32)
     return _SavesForBackward.apply(q, k, v, True, lse)
+
+
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           causal: bool = False, **_unused) -> torch.Tensor:
+    """flash-attn's ``flash_attn_varlen_func``: q [total_q, n, d], k and v [total_k, g, d] -> out [total_q, n, d]."""
+    total_q, n, _ = q.shape
+    lse = q.new_empty((n, total_q), dtype=torch.float32)
+    return _SavesForBackward.apply(q, k, v, True, lse, cu_seqlens_q, cu_seqlens_k)
+
+
+def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask=None,
+                   enable_gqa: bool = False, **_unused) -> torch.Tensor:
+    """torch's compiled ``flex_attention``: query [b, n, sq, d], key and value [b, g, sk, d] -> [b, n, sq, d]."""
+    b, n, sq, _ = query.shape
+    lse = query.new_empty((b, n, sq), dtype=torch.float32)
+    mask_tensors = [t for t in block_mask.as_tuple() if isinstance(t, torch.Tensor)]
+    return _SavesForBackward.apply(query, key, value, True, lse, *mask_tensors)
 
 
 def _flash(q, k, v):  # SDPA layout [b, n, s, d]

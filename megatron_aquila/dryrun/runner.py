@@ -111,6 +111,11 @@ def _use_cuda_attention(chunks: list[torch.nn.Module], attention: str, dropout: 
         return
     if attention == "flash-attn":
         core = _flash_attn(dropout, kernel=cuda_kernels.flash_attn_func, version=cuda_kernels.FLASH_ATTN_VERSION)
+    elif attention == "flash-attn-varlen":
+        core = flash_varlen_attention(dropout, kernel=cuda_kernels.flash_attn_varlen_func,
+                                      version=cuda_kernels.FLASH_ATTN_VERSION)
+    elif attention == "flex-attention":
+        core = flex_document_attention(dropout, kernel=cuda_kernels.flex_attention)
     else:
         core = _torch_sdpa(dropout, on_cuda=True,
                            sdpa=cuda_kernels.math_sdpa if attention == "math" else cuda_kernels.cuda_sdpa)
@@ -139,8 +144,14 @@ def _label_persistent(memory: MemoryTracker, parts: TrainerParts) -> None:
 
 
 def _choose_attention(config: Config, attention: str) -> str:
-    """flash-attn where it applies (``model/kernels.py`` flash_attention_applies), else torch SDPA, as on a GPU."""
-    if attention == "flash-attn" and not flash_attention_applies(config.precision.torch_dtype, config.data.sft):
+    """flash-attn where it applies (``model/kernels.py`` flash_attention_applies), else torch SDPA, as on a GPU;
+    packed SFT (``data.sft``) runs what ``packed_attention_path`` picks on a GPU with flash-attn ("flash-attn":
+    its varlen kernel) or with torch alone ("sdpa": FlexAttention, or the dense mask with attention dropout)."""
+    dtype = config.precision.torch_dtype
+    if config.data.sft and attention in ("flash-attn", "sdpa"):
+        path = packed_attention_path("cuda", dtype, attention == "flash-attn", True, config.model.attention_dropout)
+        return "sdpa" if path == "dense" else PACKED_KERNELS[path]
+    if attention == "flash-attn" and not flash_attention_applies(dtype):
         return "sdpa"
     return attention
 

@@ -95,7 +95,7 @@ class AquilaModel(nn.Module):
         device = torch.device(device) if device is not None else ctx.device
         self.document_attention = document_attention
         self.kernels = kernels or choose_kernels(config.kernels, device, params_dtype, ctx.cp_size > 1,
-                                                 document_attention)
+                                                 document_attention, config.attention_dropout)
         self.rng = RNGStatesTracker(seed, ctx.tp_rank, pipeline_stage, device)
         self.rotary = RotaryEmbedding(config, ctx.cp_group if ctx.cp_size > 1 else None)
         norm_fn = build_rms_norm(self.kernels.norm)

@@ -10,9 +10,12 @@ unit last stride; n a multiple of g, query head i uses kv head i // (n/g); sq <=
 segments) -> [sq, b, n*d]. The causal mask is aligned to the bottom right: query row i sees keys
 j <= i + sk - sq (plain causal attention when sq == sk; the chunk-against-prefix attention of context
 parallelism, ``parallel/context_parallel.py``, when sq < sk). ``segments``, when given, is a
-``DocumentMask``: query i also needs the same document as key j (packed SFT sequences, docs/design.md
-section 12). Only torch SDPA takes segments here (a dense block-diagonal causal mask, built once per
-micro-batch and shared by every layer); ``choose_kernels`` keeps the others out when documents are masked.
+``DocumentMask`` (``model/packed_attention.py``): query i also needs the same document as key j (packed
+SFT sequences, docs/design.md section 12). Per-document attention has kernels of its own, chosen by
+``packed_attention_path``: flash-attn's varlen kernel ("flash-attn-varlen", CUDA fp16/bf16), FlexAttention
+with a block-sparse mask ("flex-attention", CUDA), or torch SDPA with the dense block-diagonal causal mask
+("torch-sdpa": the CPU path; built once per micro-batch and shared by every layer). ``choose_kernels`` keeps
+flash-attn's dense kernel and transformer-engine out when documents are masked.
 The dropout rate is fixed when a kernel is built; ``training`` (the calling module's flag) decides at
 every call whether it applies, so ``model.eval()`` switches attention dropout off on every backend.
 RMSNorm kernels: (x [..., h], weight [h], eps) -> [..., h] in x's dtype.
@@ -26,6 +29,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_aquila.model.packed_attention import DocumentMask  # noqa: F401 (model/aquila.py imports it from here)
+from megatron_aquila.model.packed_attention import (AttentionFn, Segments, flash_varlen_attention,
+                                                    flash_varlen_available, flex_available, flex_document_attention,
+                                                    packed_attention_path, require_flash_attn)
+
+
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-mode dropout through ``torch.native_dropout``, the op CUDA's ``F.dropout`` runs: it keeps a
     boolean mask for backward on every device (the CPU's ``F.dropout`` keeps a mask in x's dtype instead), so
@@ -33,47 +42,6 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.native_dropout(x, p, True)[0]
 
 
-class DocumentMask:
-    """Causal attention within documents of packed sequences, for one micro-batch.
-
-    Query i (global position ``query_positions[i]`` in the key sequence) sees key j when
-    j <= query_positions[i] and ``query_documents[:, i] == key_documents[:, j]``. ``dense`` builds the
-    [b, 1, sq, sk] mask on first use and caches it: the model makes one ``DocumentMask`` per
-    micro-batch and every layer (and every context-parallel chunk, through ``chunk``) reads the same
-    tensor, so the kernels' saved references to it cost one mask per micro-batch, not one per layer.
-    """
-
-    def __init__(self, query_documents: torch.Tensor, key_documents: torch.Tensor, query_positions: torch.Tensor):
-        self.query_documents = query_documents  # [b, sq] int64
-        self.key_documents = key_documents      # [b, sk] int64
-        self.query_positions = query_positions  # [sq] int64, position of each query among the keys
-        self._dense: dict[Optional[torch.dtype], torch.Tensor] = {}
-        self._rows, self._keys = slice(None), slice(None)
-        self._parent: Optional[DocumentMask] = None
-
-    def chunk(self, rows: slice, keys_end: int) -> "DocumentMask":
-        """The queries ``rows`` against the key prefix ``[0, keys_end)``, sharing this mask's cache."""
-        view = DocumentMask(self.query_documents[:, rows], self.key_documents[:, :keys_end],
-                            self.query_positions[rows])
-        view._parent, view._rows, view._keys = self, rows, slice(0, keys_end)
-        return view
-
-    def dense(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """[b, 1, sq, sk]: boolean (True = attend) for ``dtype`` None, else additive (0 or -inf) in ``dtype``."""
-        if self._parent is not None:
-            return self._parent.dense(dtype)[:, :, self._rows, self._keys]
-        if dtype not in self._dense:
-            keys = torch.arange(self.key_documents.shape[1], device=self.key_documents.device)
-            causal = keys[None, :] <= self.query_positions[:, None]  # [sq, sk]
-            same = self.query_documents[:, :, None] == self.key_documents[:, None, :]  # [b, sq, sk]
-            allowed = (same & causal).unsqueeze(1)  # [b, 1, sq, sk]
-            self._dense[dtype] = allowed if dtype is None else torch.zeros(
-                allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-        return self._dense[dtype]
-
-
-Segments = Optional[DocumentMask]
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, Segments], torch.Tensor]
 SdpaFn = Callable[..., torch.Tensor]  # torch.nn.functional.scaled_dot_product_attention's signature
 NormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -88,8 +56,8 @@ def _importable(module: str) -> bool:
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """Names of the chosen kernels: attention in {flash-attn, transformer-engine, torch-sdpa},
-    norm in {apex, transformer-engine, torch}."""
+    """Names of the chosen kernels: attention in {flash-attn, transformer-engine, torch-sdpa} (per-document
+    attention: {flash-attn-varlen, flex-attention, torch-sdpa}), norm in {apex, transformer-engine, torch}."""
 
     attention: str
     norm: str
@@ -98,21 +66,36 @@ class KernelChoice:
         return f"attention kernel: {self.attention}; rmsnorm kernel: {self.norm}"
 
 
-def flash_attention_applies(dtype: torch.dtype, document_attention: bool) -> bool:
-    """Whether a flash kernel can run this model's attention: fp16/bf16, and no per-document mask (the
-    varlen kernels are not wired in). The kernel choice here, the dry run and the planner share it."""
-    return dtype in (torch.float16, torch.bfloat16) and not document_attention
+def flash_attention_applies(dtype: torch.dtype) -> bool:
+    """Whether a flash kernel can run this model's attention: fp16/bf16 (per-document attention runs on
+    flash-attn's varlen kernel). The kernel choice here, the dry run and the planner share it."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+# packed_attention_path's answer -> the attention kernel that runs it
+PACKED_KERNELS = {"varlen": "flash-attn-varlen", "flex": "flex-attention", "dense": "torch-sdpa"}
+
+
+def _packed_kernel(device: torch.device | str, dtype: torch.dtype, flash_varlen: bool,
+                   attention_dropout: float) -> str:
+    """The per-document attention kernel on ``device``: ``packed_attention_path`` with FlexAttention looked up."""
+    cuda = torch.device(device).type == "cuda"
+    return PACKED_KERNELS[packed_attention_path(device, dtype, flash_varlen, cuda and flex_available(),
+                                                attention_dropout)]
 
 
 def select_kernels(device: torch.device | str, dtype: torch.dtype, context_parallel: bool = False,
-                   document_attention: bool = False) -> KernelChoice:
+                   document_attention: bool = False, attention_dropout: float = 0.0) -> KernelChoice:
     """The fastest available kernels for parameters of ``dtype`` on ``device``; under context
     parallelism the attention kernel must take a bottom-right causal mask (not our TE wrapper), and
-    with per-document attention it must take a document mask (torch SDPA only, for now)."""
+    per-document attention runs on the kernel ``packed_attention_path`` picks."""
     cuda = torch.device(device).type == "cuda"
-    if cuda and flash_attention_applies(dtype, document_attention) and _importable("flash_attn"):
+    if document_attention:
+        flash_varlen = cuda and _importable("flash_attn") and flash_varlen_available()
+        attention = _packed_kernel(device, dtype, flash_varlen, attention_dropout)
+    elif cuda and flash_attention_applies(dtype) and _importable("flash_attn"):
         attention = "flash-attn"
-    elif cuda and _importable("transformer_engine") and not (context_parallel or document_attention):
+    elif cuda and _importable("transformer_engine") and not context_parallel:
         attention = "transformer-engine"
     else:
         attention = "torch-sdpa"
@@ -137,8 +120,10 @@ _BACKEND_KERNELS = {
 
 
 def choose_kernels(backend: str, device: torch.device | str, dtype: torch.dtype,
-                   context_parallel: bool = False, document_attention: bool = False) -> KernelChoice:
-    """The one switch (``model.kernels``): ``auto`` picks the fastest available, a name forces it.
+                   context_parallel: bool = False, document_attention: bool = False,
+                   attention_dropout: float = 0.0) -> KernelChoice:
+    """The one switch (``model.kernels``): ``auto`` picks the fastest available, a name forces it
+    (per-document attention: flash-attn forces its varlen kernel, torch and apex take torch's choice).
 
     A forced GPU backend that cannot run here (no CUDA, package missing, flash-attn in fp32,
     transformer-engine attention under context parallelism) is an error rather than a silent
@@ -150,12 +135,12 @@ def choose_kernels(backend: str, device: torch.device | str, dtype: torch.dtype,
         raise ValueError("model.kernels=transformer-engine: its attention wrapper here runs square causal attention "
                          "only, and context parallelism needs a bottom-right causal mask; use auto (flash-attn or "
                          "torch SDPA) or flash-attn with parallel.context_parallel > 1")
-    if document_attention and backend in ("flash-attn", "transformer-engine"):
-        raise ValueError(f"model.kernels={backend}: per-document attention (data.sft packed sequences) runs on the "
-                         "torch SDPA kernel here (a block-diagonal causal mask; the varlen/THD kernels are not wired "
-                         "in): use auto or torch")
+    if document_attention and backend == "transformer-engine":
+        raise ValueError("model.kernels=transformer-engine: per-document attention (data.sft packed sequences) runs "
+                         "on flash-attn's varlen kernel, FlexAttention or torch SDPA here (the THD kernels are not "
+                         "wired in): use auto, flash-attn or torch")
     if backend == "auto":
-        return select_kernels(device, dtype, context_parallel, document_attention)
+        return select_kernels(device, dtype, context_parallel, document_attention, attention_dropout)
     if backend != "torch":
         module = _BACKEND_MODULES[backend]
         if torch.device(device).type != "cuda" or not _importable(module):
@@ -165,7 +150,19 @@ def choose_kernels(backend: str, device: torch.device | str, dtype: torch.dtype,
         if backend == "flash-attn" and dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"model.kernels=flash-attn needs fp16 or bf16 parameters, not {dtype}: "
                              "set precision.dtype or use auto")
-    return _BACKEND_KERNELS[backend]
+    if not document_attention:
+        return _BACKEND_KERNELS[backend]
+    if backend == "flash-attn":
+        if not flash_varlen_available():
+            import flash_attn  # GPU only; importable here (checked above)
+
+            raise ValueError(f"model.kernels=flash-attn: per-document attention (data.sft) needs "
+                             f"flash_attn.flash_attn_varlen_func, which the installed flash-attn "
+                             f"{getattr(flash_attn, '__version__', 'unknown')} lacks: upgrade flash-attn >= 2.1, "
+                             "or set model.kernels: torch")
+        return KernelChoice(attention="flash-attn-varlen", norm="torch")
+    return KernelChoice(attention=_packed_kernel(device, dtype, False, attention_dropout),
+                        norm=_BACKEND_KERNELS[backend].norm)
 
 
 def _torch_sdpa(dropout_p: float, on_cuda: Optional[bool] = None,
@@ -201,18 +198,6 @@ def _torch_sdpa(dropout_p: float, on_cuda: Optional[bool] = None,
     return attend
 
 
-def _require_flash_attn(version: str, needed: tuple[int, ...], purpose: str) -> None:
-    """Raise unless flash-attn ``version`` ("2.5.8", "2.1.0+cu121", "2.6.3.post1") is at least ``needed``."""
-    found = []
-    for part in version.split("+")[0].split("."):
-        if not part.isdigit():
-            break
-        found.append(int(part))
-    if tuple(found) < needed:
-        raise RuntimeError(f"{purpose} needs flash-attn >= {'.'.join(map(str, needed))}, but flash-attn {version} is "
-                           "installed: upgrade flash-attn, or set model.kernels=torch")
-
-
 def _flash_attn(dropout_p: float, kernel: Optional[Callable[..., torch.Tensor]] = None,
                 version: Optional[str] = None) -> AttentionFn:
     """flash-attn's ``flash_attn_func`` (imported here, GPU only), or ``kernel`` of its ``version`` (the dry
@@ -228,13 +213,13 @@ def _flash_attn(dropout_p: float, kernel: Optional[Callable[..., torch.Tensor]] 
         assert segments is None, "choose_kernels keeps flash-attn out of per-document attention"
         s, b, n, d = q.shape
         if s < k.shape[0]:  # causal=True is aligned to the bottom right when sq < sk only from flash-attn 2.1 on
-            _require_flash_attn(version, (2, 1), f"attention of {s} queries to {k.shape[0]} keys (context "
+            require_flash_attn(version, (2, 1), f"attention of {s} queries to {k.shape[0]} keys (context "
                                                  "parallelism: a causal mask aligned to the bottom right)")
         # Deterministic backward (no atomic adds of dQ) when torch is asked for deterministic algorithms.
         # False is flash_attn_func's default, and older versions lack the keyword: pass it only when set.
         deterministic = torch.are_deterministic_algorithms_enabled()
         if deterministic:
-            _require_flash_attn(version, (2, 4, 1), "a deterministic backward (torch.use_deterministic_algorithms)")
+            require_flash_attn(version, (2, 4, 1), "a deterministic backward (torch.use_deterministic_algorithms)")
         out = kernel(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                      dropout_p=dropout_p if training else 0.0, causal=True,
                      **({"deterministic": True} if deterministic else {}))  # [b, s, n, d], GQA native
@@ -269,7 +254,12 @@ def build_attention(name: str, num_heads: int, num_kv_heads: int, head_dim: int,
         return _flash_attn(dropout_p)
     if name == "transformer-engine":
         return _transformer_engine(num_heads, num_kv_heads, head_dim, dropout_p)
-    raise ValueError(f"unknown attention kernel {name!r}; choose torch-sdpa, flash-attn or transformer-engine")
+    if name == "flash-attn-varlen":
+        return flash_varlen_attention(dropout_p)
+    if name == "flex-attention":
+        return flex_document_attention(dropout_p)
+    raise ValueError(f"unknown attention kernel {name!r}; choose torch-sdpa, flash-attn, transformer-engine, "
+                     "flash-attn-varlen or flex-attention")
 
 
 class _TorchRMSNorm(torch.autograd.Function):
