@@ -66,6 +66,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     kernels: str = "auto"                   # auto | torch | flash-attn | transformer-engine | apex (model/kernels.py)
+    compile: bool = False                   # torch.compile each transformer block (regional compilation)
 
     @property
     def kv_heads(self) -> int:

@@ -203,4 +203,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     """Rotate x [s, b, heads..., d] (any strides) by tables [s, 1|b, 1, d/2]; returns a contiguous tensor."""
     while cos.dim() < x.dim():
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    if torch.compiler.is_compiling():  # plain ops: the compiler fuses them and keeps only what backward needs
+        x_a, x_b = _halves(x.float(), interleaved)
+        y_a, y_b = x_a * cos - x_b * sin, x_b * cos + x_a * sin
+        out = torch.stack((y_a, y_b), dim=-1).flatten(-2) if interleaved else torch.cat((y_a, y_b), dim=-1)
+        return out.to(x.dtype)
     return _ApplyRotary.apply(x, cos, sin, interleaved)

@@ -9,6 +9,9 @@ Activation recompute (``recompute``): "selective" checkpoints only the attention
 (softmax(QK^T)V), "full" the whole block; both use ``torch.utils.checkpoint`` (non-reentrant),
 which replays the default generator, and ``_checkpoint`` below also rewinds the model's
 ``RNGStatesTracker`` so dropout masks drawn from its streams are identical in the recompute.
+
+Compiled blocks (``model.compile``, ``model/compile.py``): run without dropout, so ``_checkpoint`` is the
+plain checkpoint there, and SwiGLU and rotary (``model/rope.py``) run as plain ops for the compiler.
 """
 from __future__ import annotations
 
@@ -48,6 +51,10 @@ def hidden_dropout(x: torch.Tensor, p: float, training: bool, rng: RNGStatesTrac
 
 def _checkpoint(fn: Callable, tracker: RNGStatesTracker, *args: torch.Tensor) -> torch.Tensor:
     """``checkpoint(fn, *args)`` whose recompute sees the tracker streams of the first run."""
+    if torch.compiler.is_compiling():
+        # Compiled blocks run without dropout (model/compile.py refuses it): no stream to replay, and
+        # dynamo traces the plain checkpoint as a region its backward recomputes.
+        return checkpoint(fn, *args, use_reentrant=False)
     snapshot = tracker.get_states()
     calls = [0]
 
@@ -170,17 +177,20 @@ class MLP(nn.Module):
     """SwiGLU: down(silu(x W_gate^T) * (x W_up^T)); gate and up fused in one [2, f/tp, h] weight."""
 
     def __init__(self, config: ModelConfig, tp_group: ProcessGroup, *, sequence_parallel: bool,
-                 params_dtype: torch.dtype, device: torch.device | str | None):
+                 params_dtype: torch.dtype, device: torch.device | str | None, tp_comm_overlap: bool = True):
         super().__init__()
         self.gate_up = ColumnParallelLinear(config.hidden_size, config.ffn_size, tp_group, stack=2,
-                                            sequence_parallel=sequence_parallel, params_dtype=params_dtype,
-                                            device=device)
+                                            sequence_parallel=sequence_parallel, tp_comm_overlap=tp_comm_overlap,
+                                            params_dtype=params_dtype, device=device)
         self.down = RowParallelLinear(config.ffn_size, config.hidden_size, tp_group,
                                       sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
 
     @staticmethod
     def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of gate_up [..., 2f/tp] = [gate, up] -> [..., f/tp], saving only gate_up (``_SwiGLU``)."""
+        if torch.compiler.is_compiling():  # plain ops: the compiler fuses them and recomputes silu in backward
+            gate, up = gate_up.chunk(2, dim=-1)
+            return F.silu(gate) * up
         return _SwiGLU.apply(gate_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

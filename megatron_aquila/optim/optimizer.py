@@ -76,7 +76,8 @@ class MixedPrecisionOptimizer:
 
     def __init__(self, grad_buffers: list[DataParallelGradBuffer], config: OptimizerConfig,
                  ctx: ParallelContext, grad_scaler: Optional[GradScaler] = None, fused: Optional[bool] = None):
-        """``fused``: torch's fused AdamW kernel (None: on CUDA; else the foreach implementation, whose step
+        """``fused``: torch's fused AdamW kernel (None: on CUDA and CPU, the devices torch has it for: one pass
+        over the masters, where the foreach implementation makes about ten on a CPU; else foreach, whose step
         counter lives on the host). The dry run sets it to run a GPU run's optimizer on CPU tensors."""
         self.grad_buffers, self.config, self.ctx = grad_buffers, config, ctx
         self.grad_scaler = grad_scaler
@@ -90,7 +91,7 @@ class MixedPrecisionOptimizer:
         self._pieces_in_group_order = ([p for p in self.pieces if p.decays] + [p for p in self.pieces if not p.decays])
         self.adamw: Optional[torch.optim.AdamW] = None
         if groups:   # a rank may own nothing (ZeRO-1 with a tiny model on many DP ranks)
-            fused = self.pieces[0].master.is_cuda if fused is None else fused
+            fused = self.pieces[0].master.device.type in ("cuda", "cpu") if fused is None else fused
             self.adamw = torch.optim.AdamW(
                 groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                 **({"fused": True} if fused else {"foreach": True}))
