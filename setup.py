@@ -29,8 +29,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "transformers>=4.40", "peft>=0.21", "tensorboard>=2.14", "wandb>=0.16",
+                 "bitsandbytes>=0.45",
                  "megatron-core==0.16.1"],  # Megatron-LM itself, to prove format and sample-stream compatibility
-        "gpu": ["transformer-engine[pytorch]>=1.8", "flash-attn>=2.5"],
+        "gpu": ["transformer-engine[pytorch]>=1.8", "flash-attn>=2.1"],  # 2.1: varlen + bottom-right causal
+        "qlora": ["bitsandbytes>=0.45"],  # finetune.qlora: 4-bit NF4/FP4 base weights
         "wandb": ["wandb>=0.16"],
         "tensorboard": ["tensorboard>=2.14"],
     },

@@ -23,12 +23,12 @@ from megatron_aquila.parallel.context import grid_rank
 from megatron_aquila.plan import gpu_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = {  # recipe -> (nodes of 8 GPUs, GPU), as each recipe's header plans
-    "7b/aquila2_7b.yaml": (12, "A800-80G"), "7b/aquila2_7b_8k.yaml": (12, "A800-80G"),
-    "7b/aquila2_7b_16k.yaml": (12, "A800-80G"), "7b/sft_7b.yaml": (1, "A100-80G"),
-    "7b/sft_7b_lora.yaml": (1, "A100-80G"), "34b/aquila2_34b.yaml": (64, "A100-40G"),
-    "34b/aquila2_34b_8k.yaml": (64, "A100-40G"), "34b/aquila2_34b_16k.yaml": (64, "A100-40G"),
-    "34b/sft_34b_lora.yaml": (1, "A100-80G"),
+RECIPES = {  # recipe -> (nodes, GPUs per node, GPU): the cluster each recipe's header plans for
+    "7b/aquila2_7b.yaml": (12, 8, "A800-80G"), "7b/aquila2_7b_8k.yaml": (12, 8, "A800-80G"),
+    "7b/aquila2_7b_16k.yaml": (12, 8, "A800-80G"), "7b/sft_7b.yaml": (1, 8, "A100-80G"),
+    "7b/sft_7b_lora.yaml": (1, 8, "A100-80G"), "34b/aquila2_34b.yaml": (64, 8, "A100-40G"),
+    "34b/aquila2_34b_8k.yaml": (64, 8, "A100-40G"), "34b/aquila2_34b_16k.yaml": (64, 8, "A100-40G"),
+    "34b/sft_34b_lora.yaml": (1, 8, "A100-80G"), "34b/sft_34b_qlora.yaml": (1, 1, "A100-80G"),
 }
 
 
@@ -39,8 +39,8 @@ def main() -> None:
     print("| recipe | GPUs | rank (stage) | dry run GiB | planner GiB | difference | fits (usable GiB) | "
           "largest terms (dry run) | dry run s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, (nodes, gpu_name) in RECIPES.items():
-        gpu, world = gpu_spec(gpu_name), nodes * 8
+    for name, (nodes, gpus_per_node, gpu_name) in RECIPES.items():
+        gpu, world = gpu_spec(gpu_name), nodes * gpus_per_node
         config = load_config(ROOT / "examples/aquila2" / name)
         p = config.parallel
         dp = config.data_parallel_size(world)

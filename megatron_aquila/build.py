@@ -13,8 +13,10 @@ from megatron_aquila.config import Config
 from megatron_aquila.data.loader import build_streams
 from megatron_aquila.metrics import MetricsWriter
 from megatron_aquila.model.aquila import AquilaModel
+from megatron_aquila.model.compile import compile_model_chunks
 from megatron_aquila.model.flops import flops_per_iteration
 from megatron_aquila.model.lora import LoraSettings, adapter_parameters, apply_lora
+from megatron_aquila.model.qlora import QLoraSettings, apply_qlora, quantizing_block_hook
 from megatron_aquila.optim.build import build_optimizer
 from megatron_aquila.optim.optimizer import MixedPrecisionOptimizer
 from megatron_aquila.optim.lr_schedule import LRScheduler
@@ -35,7 +37,10 @@ def build_model_chunks(config: Config, ctx: ParallelContext, device: Optional[to
     ``init_weights`` is about to overwrite every one).
     """
     p, vpp = config.parallel, config.parallel.virtual_pipeline_stages
-    return [
+    qlora = config.finetune.qlora
+    block_hook = None if qlora is None else quantizing_block_hook(  # 4-bit as each block is built (model/qlora.py)
+        LoraSettings.from_config(config.finetune.lora), QLoraSettings.from_config(qlora))
+    chunks = [
         AquilaModel(
             config.model, ctx, sequence_parallel=p.sequence_parallel, recompute=config.training.recompute,
             layer_ids=chunk_layer_ids(config.model.num_layers, ctx.pp_size, vpp, ctx.pp_rank, chunk, p.pipeline_layers),
@@ -43,10 +48,12 @@ def build_model_chunks(config: Config, ctx: ParallelContext, device: Optional[to
             post_process=chunk_has_head(ctx.pp_rank, chunk, ctx.pp_size, vpp),
             params_dtype=config.precision.torch_dtype, device=device or ctx.device, seed=config.training.seed,
             pipeline_stage=chunk * ctx.pp_size + ctx.pp_rank, initialize=initialize,
-            document_attention=config.data.sft,
+            document_attention=config.data.sft, tp_comm_overlap=p.tp_comm_overlap, block_hook=block_hook,
         )
         for chunk in range(vpp)
     ]
+    compile_model_chunks(config, chunks, torch.device(device or ctx.device))  # model.compile: blocks compiled
+    return chunks
 
 
 def build_model_and_optimizer(config: Config, ctx: ParallelContext, initialize: bool = True,
@@ -63,10 +70,12 @@ def build_model_and_optimizer(config: Config, ctx: ParallelContext, initialize: 
     if lora is not None:  # before the grad buffers: only the adapters train (model/lora.py)
         for chunk in chunks:
             apply_lora(chunk, LoraSettings.from_config(lora), t.seed)
+            if config.finetune.qlora is not None:
+                apply_qlora(chunk)
     buffers = [DataParallelGradBuffer(chunk, ctx, p.grad_bucket_size_mb, p.overlap_grad_reduce, p.distributed_optimizer)
                for chunk in chunks]
     optimizer = build_optimizer(chunks, buffers, config.optimizer, config.precision, ctx, p.distributed_optimizer,
-                                fused=fused_adam)
+                                fused=fused_adam, overlap_param_gather=p.overlap_param_gather)
     return chunks, buffers, optimizer
 
 

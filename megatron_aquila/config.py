@@ -8,6 +8,7 @@ sections or fields and invalid combinations raise ``ConfigError`` before any pro
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,10 +234,21 @@ class LoraConfig:
 
 
 @dataclass
+class QLoraConfig:
+    """Q-LoRA (model/qlora.py): the frozen base weights of the LoRA-targeted layers stored 4-bit (bitsandbytes)."""
+
+    bits: int = 4                           # only 4 (NF4 / FP4 blocks of 64 weights)
+    quant_type: str = "nf4"                 # nf4 (normal-float, the Q-LoRA paper's) | fp4
+    double_quant: bool = True               # quantize the per-block absmax scales to 8 bits as well
+    compute_dtype: str = "bf16"             # dtype the weights are dequantized to for each matmul; = precision.dtype
+
+
+@dataclass
 class FinetuneConfig:
     """Fine-tuning options; with ``lora`` unset every parameter trains (full fine-tuning)."""
 
     lora: Optional[LoraConfig] = None
+    qlora: Optional[QLoraConfig] = None     # with lora: the targeted layers' base weights 4-bit
 
 
 @dataclass
@@ -417,6 +429,25 @@ def _validate_rope_scaling(m: ModelConfig) -> None:
                                  f"{high} must satisfy 0 < low < high (Llama 3.1: 1 and 4)")
 
 
+def _validate_qlora(config: Config) -> None:
+    q = config.finetune.qlora
+    _require(config.finetune.lora is not None,
+             "finetune.qlora quantizes the frozen base weights under LoRA adapters: add a finetune.lora section "
+             "(e.g. rank 64, alpha 16) or remove finetune.qlora")
+    _require(q.bits == 4, f"finetune.qlora.bits {q.bits} is not supported: only 4-bit (NF4/FP4) weights; set bits: 4")
+    _require(q.quant_type in ("nf4", "fp4"), f"finetune.qlora.quant_type {q.quant_type!r} must be nf4 or fp4")
+    _require(q.compute_dtype == config.precision.dtype,
+             f"finetune.qlora.compute_dtype {q.compute_dtype!r} must equal precision.dtype "
+             f"{config.precision.dtype!r} (the dequantized weights meet activations of that dtype); set both to bf16")
+    if q.compute_dtype == "bf16" and torch.cuda.is_available():
+        _require(torch.cuda.is_bf16_supported(),
+                 f"finetune.qlora.compute_dtype bf16 on {torch.cuda.get_device_name()}, which has no bf16: set "
+                 "precision.dtype and finetune.qlora.compute_dtype to fp32")
+    _require(importlib.util.find_spec("bitsandbytes") is not None,
+             "finetune.qlora needs bitsandbytes (the 4-bit kernels), which is not installed: "
+             "pip install -e '.[qlora]' (or pip install 'bitsandbytes>=0.45')")
+
+
 def validate_config(config: Config, world_size: int) -> None:
     m, p, t, o, pr = config.model, config.parallel, config.training, config.optimizer, config.precision
     tp, cp, pp, vpp = p.tensor_parallel, p.context_parallel, p.pipeline_parallel, p.virtual_pipeline_stages
@@ -513,6 +544,8 @@ def validate_config(config: Config, world_size: int) -> None:
         _require(config.checkpoint.init_weights is not None,
                  "finetune.lora trains adapters on a base model: set checkpoint.init_weights to its weights (a "
                  "from-hf directory or one of our checkpoints); LoRA checkpoints refer to it instead of copying it")
+    if config.finetune.qlora is not None:
+        _validate_qlora(config)
     if config.data.sft:
         _require(not config.data.mock, "data.sft and data.mock are exclusive: SFT reads preprocessed conversations")
         _require(all(isinstance(entry, str) for entry in config.data.data_path),

@@ -67,7 +67,9 @@ import torch
 from megatron_aquila.config import Config
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.model.kernels import KernelChoice, flash_attention_applies
-from megatron_aquila.model.lora import LORA_PARAMETERS, LoraSettings, apply_lora
+from megatron_aquila.model.packed_attention import packed_attention_path
+from megatron_aquila.model.lora import LORA_PARAMETERS, TARGETS, LoraSettings, apply_lora
+from megatron_aquila.model.qlora import bytes_per_4bit_weight
 from megatron_aquila.parallel.context import DescribedGroup, ParallelContext, ProcessGroup
 from megatron_aquila.parallel.pipeline.partition import chunk_has_embedding, chunk_has_head, chunk_layer_ids
 
@@ -95,6 +97,7 @@ class RankParameters:
     sharded: int     # of which shards of TP-split tensors
     replicated: int  # of which replicated over TP (RMSNorm weights)
     adapters: int = 0  # LoRA A and B on this rank (finetune.lora), on top of ``total``
+    quantized: int = 0  # of ``total``, the base weights stored 4-bit (finetune.qlora)
 
     @property
     def trainable(self) -> int:
@@ -111,6 +114,13 @@ def _planning_context(config: Config, world_size: int, tp_rank: int, pp_rank: in
         model_parallel_group=None, world_group=None, pp_ranks=tuple(range(pp)), device=torch.device("meta"))
 
 
+def _is_lora_target_weight(name: str, config: Config) -> bool:
+    """``layers.3.mlp.down.weight`` is the base weight of a finetune.lora target (4-bit under Q-LoRA)."""
+    layers = {TARGETS[target][0] for target in config.finetune.lora.targets}
+    parts = name.split(".")
+    return len(parts) == 5 and parts[0] == "layers" and parts[-1] == "weight" and ".".join(parts[2:4]) in layers
+
+
 def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
     """Build every (TP rank, PP rank) chunk set on the meta device and count its parameters."""
     m, p = config.model, config.parallel
@@ -120,7 +130,7 @@ def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
         tp_group = DescribedGroup(p.tensor_parallel, tp_rank) if p.tensor_parallel > 1 else None
         for pp_rank in range(p.pipeline_parallel):
             ctx = _planning_context(config, world_size, tp_rank, pp_rank, tp_group)
-            layer_ids, sharded, replicated, adapters = [], 0, 0, 0
+            layer_ids, sharded, replicated, adapters, quantized = [], 0, 0, 0, 0
             for chunk in range(p.virtual_pipeline_stages):
                 ids = chunk_layer_ids(m.num_layers, p.pipeline_parallel, p.virtual_pipeline_stages, pp_rank,
                                       chunk, p.pipeline_layers)
@@ -134,6 +144,8 @@ def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
                     apply_lora(model, LoraSettings.from_config(config.finetune.lora), config.training.seed)
                 layer_ids.append(ids)
                 for name, param in model.named_parameters():
+                    if config.finetune.qlora is not None and _is_lora_target_weight(name, config):
+                        quantized += param.numel()
                     if name.rsplit(".", 1)[-1] in LORA_PARAMETERS:
                         adapters += param.numel()
                     elif getattr(param, "tensor_model_parallel", False):
@@ -141,7 +153,7 @@ def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
                     else:
                         replicated += param.numel()
             ranks.append(RankParameters(tp_rank, pp_rank, layer_ids, sharded + replicated, sharded, replicated,
-                                        adapters))
+                                        adapters, quantized))
     return ranks
 
 
@@ -374,17 +386,26 @@ def rank_memory(config: Config, world_size: int, rank: RankParameters, shape: Ac
     if rank.pp_rank == 0:
         per_microbatch += embedding_activation_bytes(shape)
     activations = in_flight * per_microbatch + p.virtual_pipeline_stages * rotary_table_bytes(shape)
-    if shape.recompute == "full" and layers:
-        # the layer being recomputed holds its full activations during its backward
-        activations += activation_bytes_per_layer(shape, recompute="none")
+    # the layer being recomputed holds its full activations during its backward
+    recomputed_layer = activation_bytes_per_layer(shape, recompute="none") if shape.recompute == "full" and layers else 0
     temporaries = 0.0
     if rank.pp_rank == p.pipeline_parallel - 1:
-        # the peak is in the last micro-batch's cross entropy: its softmax is not saved yet (a temporary)
-        activations += head_activation_bytes(shape) - cross_entropy_saved_bytes(shape)
-        temporaries = float(head_peak_temporaries(shape))
+        # the last micro-batch's cross entropy: its softmax is not saved yet (a temporary); with full recompute
+        # that forward peak and the recomputed layer's (in backward, the head's tensors freed) never coincide
+        head = head_activation_bytes(shape) - cross_entropy_saved_bytes(shape)
+        head_temporaries = float(head_peak_temporaries(shape))
+        if head + head_temporaries >= recomputed_layer:
+            activations, temporaries = activations + head, head_temporaries
+        else:
+            activations += recomputed_layer
+    else:
+        activations += recomputed_layer
     trainable = rank.trainable  # frozen LoRA base weights have no grads and no optimizer state
+    qlora = config.finetune.qlora
+    quantized_bytes = 0.0 if qlora is None else rank.quantized * bytes_per_4bit_weight(qlora.double_quant)
     return RankMemory(
-        pp_rank=rank.pp_rank, parameters=n, weights=(n + rank.adapters) * MODEL_DTYPE_BYTES[dtype],
+        pp_rank=rank.pp_rank, parameters=n,
+        weights=(n - rank.quantized + rank.adapters) * MODEL_DTYPE_BYTES[dtype] + quantized_bytes,
         grads=trainable * 4.0, optimizer_replicated=trainable * float(replicated_per_param),
         optimizer_sharded=math.ceil(trainable / dp) * float(sharded_per_param),
         activations=activations, in_flight=in_flight, temporaries=temporaries)

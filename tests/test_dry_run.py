@@ -100,26 +100,26 @@ def test_dry_run_refuses_what_it_cannot_impersonate():
 
 
 # ---------------------------------------------------------------------------------- the shipped recipes
-RECIPES = {  # recipe -> (nodes of 8 GPUs, GPU): the cluster each recipe's header plans for
-    "7b/aquila2_7b.yaml": (12, "A800-80G"), "7b/aquila2_7b_8k.yaml": (12, "A800-80G"),
-    "7b/aquila2_7b_16k.yaml": (12, "A800-80G"), "7b/sft_7b.yaml": (1, "A100-80G"),
-    "7b/sft_7b_lora.yaml": (1, "A100-80G"), "34b/aquila2_34b.yaml": (64, "A100-40G"),
-    "34b/aquila2_34b_8k.yaml": (64, "A100-40G"), "34b/aquila2_34b_16k.yaml": (64, "A100-40G"),
-    "34b/sft_34b_lora.yaml": (1, "A100-80G"),
+RECIPES = {  # recipe -> (nodes, GPUs per node, GPU): the cluster each recipe's header plans for
+    "7b/aquila2_7b.yaml": (12, 8, "A800-80G"), "7b/aquila2_7b_8k.yaml": (12, 8, "A800-80G"),
+    "7b/aquila2_7b_16k.yaml": (12, 8, "A800-80G"), "7b/sft_7b.yaml": (1, 8, "A100-80G"),
+    "7b/sft_7b_lora.yaml": (1, 8, "A100-80G"), "34b/aquila2_34b.yaml": (64, 8, "A100-40G"),
+    "34b/aquila2_34b_8k.yaml": (64, 8, "A100-40G"), "34b/aquila2_34b_16k.yaml": (64, 8, "A100-40G"),
+    "34b/sft_34b_lora.yaml": (1, 8, "A100-80G"), "34b/sft_34b_qlora.yaml": (1, 1, "A100-80G"),
 }
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_dry_runs_at_full_size_fits_and_the_planner_agrees(name, capsys):
-    nodes, gpu_name = RECIPES[name]
+    nodes, gpus_per_node, gpu_name = RECIPES[name]
     gpu = plan.gpu_spec(gpu_name)
     recipe = ROOT / "examples/aquila2" / name
     config = load_config(recipe)
     pp = config.parallel.pipeline_parallel
     # The first stage holds pp micro-batches in flight under 1F1B, the last one: pp micro-batches reach
     # every stage's peak (more only repeat the steady state and cost time).
-    argv = [str(recipe), "--nodes", str(nodes), "--gpus-per-node", "8", "--gpu", gpu_name, "--dry-run",
-            "--ranks", "first-last-stage", "--microbatches", str(pp)]
+    argv = [str(recipe), "--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node), "--gpu", gpu_name,
+            "--dry-run", "--ranks", "first-last-stage", "--microbatches", str(pp)]
     assert plan.main(argv) == 0, capsys.readouterr()
     out = capsys.readouterr().out
     assert out.count(f"FITS on {gpu.name}") == len({0, pp - 1}) and "PER MICRO-BATCH" not in out, out

@@ -87,7 +87,8 @@ def load_full_state_dict(model_chunks: Iterable[nn.Module], full: Mapping[str, t
     Shapes must match the chunks' full shapes exactly (vocab padded for this TP size; re-pad with
     ``hf_mapping.resize_vocab``). With ``config``, names that belong to no parameter of that
     model are an error too (a typo or another architecture), not silently ignored. When some
-    parameters are frozen (LoRA applied), only those, the base weights, are read.
+    parameters are frozen (LoRA applied), only those, the base weights, are read; a Q-LoRA 4-bit weight's
+    meta stand-in quantizes its slice (its ``quantized_loader``, model/qlora.py) instead of copying it.
     """
     params = named_parameters(model_chunks)
     frozen = {name: param for name, param in params.items() if not param.requires_grad}
@@ -115,7 +116,11 @@ def load_full_state_dict(model_chunks: Iterable[nn.Module], full: Mapping[str, t
         if getattr(param, "tensor_model_parallel", False):
             local = param.shape[param.partition_dim]
             tensor = tensor.narrow(param.partition_dim, ctx.tp_rank * local, local)
-        param.copy_(tensor)
+        loader = getattr(param, "quantized_loader", None)  # a Q-LoRA 4-bit weight's meta stand-in (model/qlora.py)
+        if loader is not None:
+            loader(tensor.to(ctx.device))
+        else:
+            param.copy_(tensor)
 
 
 def write_safetensors_shards(tensors: Iterable[tuple[str, torch.Tensor]], directory: Path, stem: str,

@@ -61,6 +61,11 @@ def initialize_from_checkpoint(resolved: Path, config: Config, model_chunks: lis
                                ctx: ParallelContext) -> None:
     """Read only the model weights of the checkpoint directory ``resolved`` into this rank's chunks
     (module docstring)."""
+    if any(hasattr(param, "quantized_loader") for chunk in model_chunks for param in chunk.parameters()):
+        raise CheckpointError(
+            f"checkpoint.init_weights {resolved} is one of our checkpoints, but finetune.qlora quantizes its base "
+            "weights while streaming a from-hf directory: export it with tools/convert_checkpoint.py to-hf, convert "
+            "that with from-hf, and set checkpoint.init_weights to the from-hf output")
     changed = check_model_change(resolved, read_meta(resolved), config)
     saved_rows = read_dcp_metadata(resolved).state_dict_metadata["model.embedding.weight"].size[0]
     padded = config.model.padded_vocab_size(ctx.tp_size)

@@ -61,9 +61,9 @@ class _SavesForBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v = ctx.saved_tensors[:3]
-        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None,
-                *([None] * (len(ctx.saved_tensors) - 4)))
+        saved = ctx.saved_tensors  # read once: under full recompute each read would re-run the block
+        q, k, v = saved[:3]
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None, *([None] * (len(saved) - 4)))
 
 
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,

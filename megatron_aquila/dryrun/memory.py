@@ -103,11 +103,14 @@ class MemoryTracker(TorchDispatchMode):
         """Mark the storages of ``tensors`` as persistent ``category`` (parameters, gradients, optimizer)."""
         assert category in PERSISTENT, f"label {category!r}: only {PERSISTENT} are set by hand"
         for tensor in tensors:
-            self._relabel(self._storage_entry(tensor.untyped_storage(), category), category)
+            if tensor.device.type != "meta":  # a meta tensor (a Q-LoRA weight's stand-in) holds no bytes
+                self._relabel(self._storage_entry(tensor.untyped_storage(), category), category)
         self._update_peak()
 
     def promote(self, tensor: torch.Tensor, category: str) -> None:
         """A transient storage seen as ``category`` (communication, activations): move it up, never down."""
+        if tensor.device.type == "meta":
+            return
         entry = self._storage_entry(tensor.untyped_storage(), "temporaries")
         if entry.category in TRANSIENT_ORDER and TRANSIENT_ORDER.index(category) > TRANSIENT_ORDER.index(
                 entry.category):
@@ -121,7 +124,7 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and value.device.type != "meta":  # meta: shapes, no bytes
                 self._storage_entry(value.untyped_storage(), "temporaries")
         return out
 

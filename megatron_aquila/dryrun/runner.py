@@ -40,7 +40,10 @@ from megatron_aquila.dryrun import cuda_kernels
 from megatron_aquila.dryrun.comm import CollectiveLog
 from megatron_aquila.dryrun.memory import MemorySnapshot, MemoryTracker
 from megatron_aquila.dryrun.syncs import HostSyncCounter
-from megatron_aquila.model.kernels import _flash_attn, _torch_sdpa, flash_attention_applies
+from megatron_aquila.model.kernels import PACKED_KERNELS, _flash_attn, _torch_sdpa, flash_attention_applies
+from megatron_aquila.model.packed_attention import (flash_varlen_attention, flex_document_attention,
+                                                    packed_attention_path)
+from megatron_aquila.model.qlora import quantized_weights
 from megatron_aquila.optim.lr_schedule import LRScheduler
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.trainer import Trainer
@@ -135,6 +138,8 @@ def _synthetic_microbatches(config: Config, ctx: ParallelContext) -> Iterator[di
 
 def _label_persistent(memory: MemoryTracker, parts: TrainerParts) -> None:
     memory.label((p for chunk in parts.model_chunks for p in chunk.parameters()), "parameters")
+    memory.label((t for chunk in parts.model_chunks for _, weight in quantized_weights(chunk) for t in weight.tensors()),
+                 "parameters")  # Q-LoRA's 4-bit base weights (model/qlora.py)
     memory.label((buffer.buffer for buffer in parts.grad_buffers), "gradients")
     optimizer = parts.optimizer
     masters = [piece.master for piece in optimizer.pieces if piece.master is not piece.param]
@@ -168,7 +173,10 @@ def measure_step(config: Config, ctx: ParallelContext, settings: DryRunSettings,
     comm = CollectiveLog(ctx, memory)
     schedule = BatchSchedule(t.global_batch_size, t.micro_batch_size, ctx.dp_size, None)
     microbatches = settings.microbatches or schedule.num_microbatches_at(0)
-    with FakeTensorMode() if fake else contextlib.nullcontext(), memory.tracking(), comm, syncs:
+    # Real inputs are allowed: host-side constants (the CPU RNG states full recompute saves, bitsandbytes' 4-bit
+    # code tables) enter fake ops as they do real ones; every device tensor of the step is still fake.
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with fake_mode, memory.tracking(), comm, syncs:
         # fused AdamW, as on CUDA: the foreach kernel reads its step counter on the host
         chunks, buffers, optimizer = build_model_and_optimizer(config, ctx, initialize=not fake, fused_adam=True)
         _use_cuda_attention(chunks, attention, config.model.attention_dropout)

@@ -21,7 +21,7 @@ allocated, not drawn.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -71,7 +71,8 @@ class AquilaModel(nn.Module):
                  recompute: str = "none", layer_ids: Sequence[int] | None = None, pre_process: bool = True,
                  post_process: bool = True, params_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, seed: int = 1234, kernels: KernelChoice | None = None,
-                 initialize: bool = True, pipeline_stage: int = 0, document_attention: bool = False):
+                 initialize: bool = True, pipeline_stage: int = 0, document_attention: bool = False,
+                 tp_comm_overlap: bool = True, block_hook: Callable[[str, nn.Module], None] | None = None):
         super().__init__()
         if recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute {recompute!r} must be one of {RECOMPUTE_MODES}")
@@ -103,19 +104,20 @@ class AquilaModel(nn.Module):
 
         if pre_process:
             self.embedding = VocabParallelEmbedding(self.padded_vocab_size, config.hidden_size, ctx.tp_group, **common)
-        self.layers = nn.ModuleDict({
-            str(i): TransformerBlock(
+        self.layers = nn.ModuleDict()
+        for i in layer_ids:
+            self.layers[str(i)] = TransformerBlock(
                 config, ctx.tp_group, self.rng, recompute=recompute, norm_fn=norm_fn,
                 attention_fn=build_attention(self.kernels.attention, config.num_attention_heads // ctx.tp_size,
                                              config.kv_heads // ctx.tp_size, config.head_dim,
                                              config.attention_dropout),
-                cp_group=ctx.cp_group, **common)
-            for i in layer_ids
-        })
+                cp_group=ctx.cp_group, tp_comm_overlap=tp_comm_overlap, **common)
+            if block_hook is not None:  # e.g. Q-LoRA quantizes this block's weights before the next exists
+                block_hook(f"layers.{i}", self.layers[str(i)])
         if post_process:
             self.final_norm = RMSNorm(config.hidden_size, config.norm_eps, norm_fn, **common)
             self.output_layer = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size, ctx.tp_group,
-                                                     **common)
+                                                     tp_comm_overlap=tp_comm_overlap, **common)
         if initialize and device.type != "meta":  # initialize=False: a checkpoint will overwrite every parameter
             self.init_weights(seed)
 

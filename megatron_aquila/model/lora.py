@@ -246,7 +246,11 @@ class LoraColumnParallelLinear(ColumnParallelLinear):
         else:  # x [s, b, in], replicated over TP
             u = copy_to_tp(F.linear(_lora_input(self, x, DATA_PARALLEL), self.lora_a), self.tp_group)  # [s, b, r]
         lora_b = _masked(self.lora_b, self.lora_row_mask).flatten(0, -2)  # [stack * out/p, r]
-        return super().forward(x) + F.linear(u * self.lora_scale, lora_b)  # [s, b, stack * out/p]
+        return self.base_output(x) + F.linear(u * self.lora_scale, lora_b)  # [s, b, stack * out/p]
+
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer's X W_t^T [s, b, stack * out/p] (Q-LoRA overrides it with 4-bit W)."""
+        return ColumnParallelLinear.forward(self, x)
 
 
 class LoraRowParallelLinear(RowParallelLinear):
@@ -258,10 +262,14 @@ class LoraRowParallelLinear(RowParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [s, b, in/p]
         u = F.linear(_lora_input(self, x, MODEL_PARALLEL), self.lora_a)  # [s, b, r]
-        partial = F.linear(x, self.weight) + F.linear(u * self.lora_scale, self.lora_b)  # [s, b, out]
+        partial = self.base_partial(x) + F.linear(u * self.lora_scale, self.lora_b)  # [s, b, out]
         if self.sequence_parallel:
             return reduce_scatter_to_sequence_parallel(partial, self.tp_group)  # [s/p, b, out]
         return reduce_from_tp(partial, self.tp_group)  # [s, b, out]
+
+    def base_partial(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer's addend X_t W_t^T [s, b, out] (Q-LoRA overrides it with 4-bit W)."""
+        return F.linear(x, self.weight)
 
 
 _BASE_CLASS = {LoraColumnParallelLinear: ColumnParallelLinear, LoraRowParallelLinear: RowParallelLinear}
@@ -277,7 +285,7 @@ def _rank_slice(full: torch.Tensor, local: torch.Tensor, partition_dim: int, tp_
 
 
 def _attach(layer: nn.Module, name: str, projections: tuple[str, ...], config: ModelConfig,
-            settings: LoraSettings, seed: int, rng: RNGStatesTracker) -> None:
+            settings: LoraSettings, seed: int, rng: RNGStatesTracker, device: torch.device) -> None:
     """Swap ``layer`` to its LoRA class and register A (seeded, sliced), B = 0 and the row mask on it."""
     tp_size, tp_rank = group_size(layer.tp_group), group_rank(layer.tp_group)
     weight = layer.weight  # [out/p, in] | [2, f/p, in] (column), [out, in/p] (row)
@@ -285,7 +293,7 @@ def _attach(layer: nn.Module, name: str, projections: tuple[str, ...], config: M
     a_dim = -1 if column else 1                    # column: A replicated; row: A split along in
     b_dim = weight.partition_dim if column else -1  # column: B split like W; row: B replicated
     a_full = (settings.rank, full_shape(weight, tp_size)[-1])  # [r, in]
-    factory = dict(dtype=weight.dtype, device=weight.device)
+    factory = dict(dtype=weight.dtype, device=device)
     lora_a = set_tensor_parallel_attributes(
         nn.Parameter(torch.empty(settings.rank, weight.shape[-1], **factory)), a_dim)  # [r, in] | [r, in/p]
     lora_b = set_tensor_parallel_attributes(
@@ -294,7 +302,7 @@ def _attach(layer: nn.Module, name: str, projections: tuple[str, ...], config: M
     # sums them over TP.
     lora_a.sequence_parallel = column and layer.sequence_parallel
     lora_b.sequence_parallel = not column
-    if weight.device.type != "meta":
+    if device.type != "meta":
         generator = torch.Generator().manual_seed(parameter_seed(seed, f"{name}.lora_a"))
         drawn = nn.init.kaiming_uniform_(torch.empty(a_full), a=math.sqrt(5), generator=generator)  # [r, in]
         with torch.no_grad():
@@ -324,13 +332,16 @@ def apply_lora(model: AquilaModel, settings: LoraSettings, seed: int) -> None:
     if buffered:
         raise RuntimeError(f"apply_lora must run before the grad buffer is built, but {buffered[0]} already has "
                            "main_grad; apply LoRA right after building the model")
+    # The chunk's device: a Q-LoRA base weight may already be a storage-less meta stand-in (model/qlora.py).
+    device = next((param.device for param in model.parameters() if param.device.type != "meta"),
+                  torch.device("meta"))
     for param in model.parameters():
         param.requires_grad_(False)
     targets = settings.layer_projections()
     for name, module in list(model.named_modules()):
         match = _LAYER_NAME.fullmatch(name)
         if match is not None and match.group(2) in targets:
-            _attach(module, name, targets[match.group(2)], model.config, settings, seed, model.rng)
+            _attach(module, name, targets[match.group(2)], model.config, settings, seed, model.rng, device)
 
 
 def lora_state_names(model: nn.Module) -> list[str]:
@@ -366,8 +377,9 @@ def _check_lora_tensors(full: Mapping[str, torch.Tensor], config: ModelConfig, s
 
 
 class MergedLoraWeights(Mapping[str, torch.Tensor]):
-    """A full state dict with W <- W + s (B * M) A (fp32, cast back to W's dtype) for every targeted
-    layer, computed lazily tensor by tensor (``to-hf --merge-lora`` streams it like any checkpoint).
+    """A full state dict with W <- W + s (B * M) A in fp32 for every targeted layer (left in fp32: the
+    export casts once to its output dtype, so a bf16 base exported as fp32 is not rounded to bf16 on the
+    way), computed lazily tensor by tensor (``to-hf --merge-lora`` streams it like any checkpoint).
     ``base`` holds the base weights (LoRA entries in it are dropped), ``lora`` the ``layers.{i}.{layer}.
     lora_a / lora_b`` tensors; both may be lazy readers. Untargeted tensors pass through as they are."""
 
@@ -392,7 +404,7 @@ class MergedLoraWeights(Mapping[str, torch.Tensor]):
         delta = lora_delta(self.lora[f"{layer}.lora_a"], self.lora[f"{layer}.lora_b"],
                            lora_row_mask(self.config, match.group(2), self.targets[match.group(2)]),
                            self.settings.scale)
-        return (weight.float() + delta).to(weight.dtype)
+        return weight.float() + delta
 
     def __contains__(self, name: object) -> bool:
         return name in self.names

@@ -42,6 +42,8 @@ def _get_device_state(device: torch.device) -> torch.Tensor:
 
 
 def _set_device_state(state: torch.Tensor, device: torch.device) -> None:
+    if type(state) is not torch.Tensor:  # the dry run's fake copy of a state: fake ops draw nothing to replay
+        return
     if device.type == "cuda":
         torch.cuda.set_rng_state(state, device)
     else:
