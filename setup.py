@@ -19,7 +19,9 @@ setup(
     python_requires=">=3.10",
     # A range that an installed torch satisfies installs nothing more; CI installs the CPU build first.
     install_requires=[
-        "torch>=2.3",
+        # 2.10.0a0: NGC PyTorch 25.12's build (the Dockerfile) is a 2.10 pre-release; megatron_aquila/__init__.py
+        # refuses an older torch at import with the version found.
+        "torch>=2.10.0a0",
         "numpy>=1.24",
         "pyyaml>=6.0",
         "tokenizers>=0.15",

@@ -80,3 +80,15 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 def test_interleaved_rampup_with_every_stage_divisible_passes():
     config = load_config(None, VALID + INTERLEAVED_RAMPUP + ["training.rampup_batch_size=[2, 2, 100]"])
     config.validate(2)  # batches 2, 4, 6, 8: 2, 4, 6, 8 micro-batches, all even
+
+
+def test_an_older_torch_is_refused_at_import_with_the_version_found():
+    import subprocess
+    import sys
+    code = "import torch; torch.__version__ = '2.4.1+cu121'; import megatron_aquila"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "megatron_aquila needs torch >= 2.10, found 2.4.1+cu121" in result.stderr, result.stderr
+    ok = subprocess.run([sys.executable, "-c", "import torch; torch.__version__ = '2.10.0a0+b4e4ee81d3'; "
+                         "import megatron_aquila"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
