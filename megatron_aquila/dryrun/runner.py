@@ -43,7 +43,7 @@ from megatron_aquila.dryrun.syncs import HostSyncCounter
 from megatron_aquila.model.kernels import PACKED_KERNELS, _flash_attn, _torch_sdpa, flash_attention_applies
 from megatron_aquila.model.packed_attention import (flash_varlen_attention, flex_document_attention,
                                                     packed_attention_path)
-from megatron_aquila.model.qlora import quantized_weights
+from megatron_aquila.model.qlora import prime_bitsandbytes, quantized_weights
 from megatron_aquila.optim.lr_schedule import LRScheduler
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.trainer import Trainer
@@ -176,6 +176,8 @@ def measure_step(config: Config, ctx: ParallelContext, settings: DryRunSettings,
     # Real inputs are allowed: host-side constants (the CPU RNG states full recompute saves, bitsandbytes' 4-bit
     # code tables) enter fake ops as they do real ones; every device tensor of the step is still fake.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    if fake and config.finetune.qlora is not None:
+        prime_bitsandbytes(ctx.device)  # its cached code table must be real, not this fake mode's
     with fake_mode, memory.tracking(), comm, syncs:
         # fused AdamW, as on CUDA: the foreach kernel reads its step counter on the host
         chunks, buffers, optimizer = build_model_and_optimizer(config, ctx, initialize=not fake, fused_adam=True)

@@ -64,6 +64,14 @@ def bitsandbytes_functional() -> Any:
         raise ImportError(f"finetune.qlora needs bitsandbytes ({error}): pip install -e '.[qlora]'") from error
 
 
+def prime_bitsandbytes(device: torch.device | str) -> None:
+    """Quantize a few real weights on ``device`` once: bitsandbytes caches the 8-bit code table of double
+    quantization at its first use, and a first use under the dry run's fake tensor mode would cache a fake
+    table that every later real quantization in the process would read."""
+    functional = bitsandbytes_functional()
+    functional.quantize_4bit(torch.ones(BLOCK_SIZE, device=device), blocksize=BLOCK_SIZE, compress_statistics=True)
+
+
 @dataclass(frozen=True)
 class QLoraSettings:
     """The 4-bit format of the base weights (module docstring)."""
