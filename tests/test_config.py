@@ -89,6 +89,6 @@ def test_an_older_torch_is_refused_at_import_with_the_version_found():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "megatron_aquila needs torch >= 2.10, found 2.4.1+cu121" in result.stderr, result.stderr
-    ok = subprocess.run([sys.executable, "-c", "import torch; torch.__version__ = '2.10.0a0+b4e4ee81d3'; "
-                         "import megatron_aquila"], capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0, ok.stderr
+    import megatron_aquila  # NGC PyTorch 25.12's pre-release passes, the CPU build here too
+    assert megatron_aquila._torch_release("2.10.0a0+b4e4ee81d3") == megatron_aquila.MIN_TORCH == (2, 10)
+    assert megatron_aquila._torch_release("2.13.0+cpu") == (2, 13)
