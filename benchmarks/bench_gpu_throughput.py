@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gpu_throughput.py                      # a GPU: Aquila2-7B width, seq 2048 and 4096
     python benchmarks/bench_gpu_throughput.py --device cpu --tiny  # smoke test of the script on a CPU
+    python benchmarks/bench_gpu_throughput.py --compile            # also ours with model.compile (each block)
 
 Both sides train the same decoder on the same number of tokens per iteration (micro batch =
 tokens / seq), one optimizer step per iteration, and time ``--iters`` iterations after ``--warmup``:
@@ -91,8 +92,9 @@ class Result:
                 f"{memory} {planned}  {self.note}")
 
 
-def our_config(shape: Shape, layers: int, seq: int, batch: int, dtype: str, iterations: int) -> Config:
-    config = load_config(None, [
+def our_config(shape: Shape, layers: int, seq: int, batch: int, dtype: str, iterations: int,
+               compiled: bool = False) -> Config:
+    config = load_config(None, [f"model.compile={str(compiled).lower()}",
         f"model.num_layers={layers}", f"model.hidden_size={shape.hidden}",
         f"model.num_attention_heads={shape.heads}", f"model.num_kv_heads={shape.kv_heads}",
         f"model.ffn_hidden_size={shape.ffn}", f"model.vocab_size={shape.vocab}",
@@ -167,8 +169,9 @@ def timed(step: Callable[[], None], device: torch.device, warmup: int, iters: in
 
 
 def run_ours(shape: Shape, layers: int, seq: int, batch: int, dtype: str, device: torch.device,
-             warmup: int, iters: int) -> Result:
-    config = our_config(shape, layers, seq, batch, dtype, warmup + iters)
+             warmup: int, iters: int, compiled: bool = False) -> Result:
+    """Our trainer step; ``compiled``: model.compile (the warm-up iterations absorb the compilation)."""
+    config = our_config(shape, layers, seq, batch, dtype, warmup + iters, compiled)
     ctx = ParallelContext.single_process(device)
     with mock.patch.object(AquilaModel, "init_weights", init_on_device):
         parts, state = build_trainer_parts(config, ctx)
@@ -180,7 +183,7 @@ def run_ours(shape: Shape, layers: int, seq: int, batch: int, dtype: str, device
     finally:
         stream.close()
     flops = flops_per_iteration(config.model, batch, config.model.padded_vocab_size(1))
-    return Result("megatron_aquila", seconds, batch * seq, flops, peak,
+    return Result("ours compiled" if compiled else "megatron_aquila", seconds, batch * seq, flops, peak,
                   planned_bytes(config) if device.type == "cuda" else None, kernels)
 
 
@@ -246,6 +249,7 @@ def main() -> None:
                         help="default: autocast on a GPU, fp32 with --tiny")
     parser.add_argument("--memory-fraction", type=float, default=0.8, help="share of free device memory to plan for")
     parser.add_argument("--peak-tflops", type=float, help="per-device peak for MFU (default: by device name)")
+    parser.add_argument("--compile", action="store_true", help="also time ours with model.compile=true")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -300,6 +304,14 @@ def main() -> None:
         if ours is not None and hf is not None:
             ratio = statistics.median(hf.seconds) / statistics.median(ours.seconds)
             print(f"ours / HF tokens/s: {ratio:.2f}x")
+        if args.compile:
+            compiled = guarded(lambda: run_ours(shape, layers, seq, batch, dtype, device, args.warmup, args.iters,
+                                                compiled=True), "ours compiled", device)
+            if compiled is not None:
+                print(compiled.row(peak), flush=True)
+                if hf is not None:
+                    ratio = statistics.median(hf.seconds) / statistics.median(compiled.seconds)
+                    print(f"ours compiled / HF tokens/s: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
