@@ -20,16 +20,9 @@ from megatron_aquila.dryrun.report import memory_terms, planned_rank
 from megatron_aquila.dryrun.runner import DryRunSettings, dry_run
 from megatron_aquila.memory_model import GIB, RESERVED_FRACTION, ActivationShape, rank_memory
 from megatron_aquila.parallel.context import grid_rank
-from megatron_aquila.plan import gpu_spec
+from megatron_aquila.plan import SHIPPED_RECIPES, gpu_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = {  # recipe -> (nodes, GPUs per node, GPU): the cluster each recipe's header plans for
-    "7b/aquila2_7b.yaml": (12, 8, "A800-80G"), "7b/aquila2_7b_8k.yaml": (12, 8, "A800-80G"),
-    "7b/aquila2_7b_16k.yaml": (12, 8, "A800-80G"), "7b/sft_7b.yaml": (1, 8, "A100-80G"),
-    "7b/sft_7b_lora.yaml": (1, 8, "A100-80G"), "34b/aquila2_34b.yaml": (64, 8, "A100-40G"),
-    "34b/aquila2_34b_8k.yaml": (64, 8, "A100-40G"), "34b/aquila2_34b_16k.yaml": (64, 8, "A100-40G"),
-    "34b/sft_34b_lora.yaml": (1, 8, "A100-80G"), "34b/sft_34b_qlora.yaml": (1, 1, "A100-80G"),
-}
 
 
 def main() -> None:
@@ -39,7 +32,7 @@ def main() -> None:
     print("| recipe | GPUs | rank (stage) | dry run GiB | planner GiB | difference | fits (usable GiB) | "
           "largest terms (dry run) | dry run s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, (nodes, gpus_per_node, gpu_name) in RECIPES.items():
+    for name, (nodes, gpus_per_node, gpu_name) in SHIPPED_RECIPES.items():
         gpu, world = gpu_spec(gpu_name), nodes * gpus_per_node
         config = load_config(ROOT / "examples/aquila2" / name)
         p = config.parallel

@@ -49,6 +49,17 @@ class PlanError(ValueError):
     """A planner argument that cannot be used; the message says what is accepted."""
 
 
+# Every recipe under examples/aquila2/ -> (nodes, GPUs per node, GPU): the cluster its header plans for
+# (benchmarks/bench_dry_run.py and tests/test_dry_run.py dry-run each there).
+SHIPPED_RECIPES = {
+    "7b/aquila2_7b.yaml": (12, 8, "A800-80G"), "7b/aquila2_7b_8k.yaml": (12, 8, "A800-80G"),
+    "7b/aquila2_7b_16k.yaml": (12, 8, "A800-80G"), "7b/sft_7b.yaml": (1, 8, "A100-80G"),
+    "7b/sft_7b_lora.yaml": (1, 8, "A100-80G"), "34b/aquila2_34b.yaml": (64, 8, "A100-40G"),
+    "34b/aquila2_34b_8k.yaml": (64, 8, "A100-40G"), "34b/aquila2_34b_16k.yaml": (64, 8, "A100-40G"),
+    "34b/sft_34b_lora.yaml": (1, 8, "A100-80G"), "34b/sft_34b_qlora.yaml": (1, 1, "A100-80G"),
+}
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     name: str

@@ -100,13 +100,7 @@ def test_dry_run_refuses_what_it_cannot_impersonate():
 
 
 # ---------------------------------------------------------------------------------- the shipped recipes
-RECIPES = {  # recipe -> (nodes, GPUs per node, GPU): the cluster each recipe's header plans for
-    "7b/aquila2_7b.yaml": (12, 8, "A800-80G"), "7b/aquila2_7b_8k.yaml": (12, 8, "A800-80G"),
-    "7b/aquila2_7b_16k.yaml": (12, 8, "A800-80G"), "7b/sft_7b.yaml": (1, 8, "A100-80G"),
-    "7b/sft_7b_lora.yaml": (1, 8, "A100-80G"), "34b/aquila2_34b.yaml": (64, 8, "A100-40G"),
-    "34b/aquila2_34b_8k.yaml": (64, 8, "A100-40G"), "34b/aquila2_34b_16k.yaml": (64, 8, "A100-40G"),
-    "34b/sft_34b_lora.yaml": (1, 8, "A100-80G"), "34b/sft_34b_qlora.yaml": (1, 1, "A100-80G"),
-}
+RECIPES = plan.SHIPPED_RECIPES
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
