@@ -103,6 +103,12 @@ def test_dry_run_refuses_what_it_cannot_impersonate():
 RECIPES = plan.SHIPPED_RECIPES
 
 
+def test_every_recipe_is_planned_for_its_cluster():
+    examples = ROOT / "examples/aquila2"
+    shipped = sorted(str(path.relative_to(examples)) for path in examples.glob("*/*.yaml"))
+    assert shipped == sorted(RECIPES), "add the recipe and the cluster it plans for to plan.SHIPPED_RECIPES"
+
+
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_dry_runs_at_full_size_fits_and_the_planner_agrees(name, capsys):
     nodes, gpus_per_node, gpu_name = RECIPES[name]
