@@ -35,7 +35,7 @@ What the compiler sees in a block:
   tracker does not control.
 - LoRA (``model/lora.py``): the adapters are swapped in after the build and before the first call, so
   the traced block already holds them; LoRA dropout is refused like the model's. Q-LoRA's 4-bit
-  bitsandbytes weights (GPU only) are refused: never traced here.
+  bitsandbytes weights are refused: their custom ops were never traced here.
 """
 from __future__ import annotations
 
