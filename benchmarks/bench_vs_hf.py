@@ -53,21 +53,8 @@ def compiled_hf(warmup: int, iters: int, device: torch.device):
 
 
 def compiled_ours(warmup: int, iters: int, device: torch.device):
-    """``run_ours`` with ``model.compile=true``, set on the config it builds."""
-    original_config = throughput.our_config
-
-    def config_with_compile(*args):
-        config = original_config(*args)
-        config.model.compile = True
-        return config
-
-    throughput.our_config = config_with_compile
-    try:
-        result = throughput.run_ours(SHAPE, LAYERS, SEQ, BATCH, "fp32", device, warmup, iters)
-    finally:
-        throughput.our_config = original_config
-    result.name = "ours compiled"
-    return result
+    """``run_ours`` with ``model.compile=true``."""
+    return throughput.run_ours(SHAPE, LAYERS, SEQ, BATCH, "fp32", device, warmup, iters, compiled=True)
 
 
 def main() -> None:
