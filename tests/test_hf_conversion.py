@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from data_fixtures import require_aquila_tokenizer
 from distributed import run_distributed
+from hf_models import random_llama
 from megatron_aquila.checkpoint.full_state import (
     FULL_STATE_FORMAT,
     gather_full_state_dict,
@@ -76,16 +77,10 @@ def _tp_full(config: ModelConfig) -> dict[str, torch.Tensor]:
 def _random_hf_model(vocab_size: int, dtype: torch.dtype, seed: int = 0, num_layers: int = 4
                      ) -> "transformers.LlamaForCausalLM":
     """A LlamaForCausalLM with random weights (norm weights too, so they are not all ones)."""
-    torch.manual_seed(seed)
-    hf_config = _hf().LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=16, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0, tie_word_embeddings=False)
-    model = _hf().LlamaForCausalLM(hf_config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(1.0 if param.dim() == 1 else 0.0, 0.1 if param.dim() == 1 else 0.05)
-    return model.to(dtype)
+    return random_llama(
+        seed, vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16, rms_norm_eps=1e-5, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0, tie_word_embeddings=False).to(dtype)
 
 
 def _import(src: Path, out: Path, tensor_parallel: int) -> tuple[dict[str, torch.Tensor], ModelConfig]:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from distributed import run_distributed
+from hf_models import random_llama
 from megatron_aquila.build import build_trainer_parts
 from megatron_aquila.config import load_config
 from megatron_aquila.parallel.context import ParallelContext
@@ -44,18 +45,12 @@ def continue_from(rank: int, world_size: int, weights: str, tokens: torch.Tensor
 
 
 def test_tp2_run_starts_from_hf_weights(tmp_path):
-    transformers = pytest.importorskip("transformers")
     from tools.convert_checkpoint import main as convert
 
-    torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(
+    hf = random_llama(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=16, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    with torch.no_grad():
-        for param in hf.parameters():
-            param.normal_(1.0 if param.dim() == 1 else 0.0, 0.1 if param.dim() == 1 else 0.05)
     hf.save_pretrained(tmp_path / "hf")
     assert convert(["from-hf", "--hf-dir", str(tmp_path / "hf"), "--output", str(tmp_path / "ours"),
                     "--tensor-parallel", "1", "--make-vocab-size-divisible-by", "16", "--max-shard-size", "50KB"]) == 0

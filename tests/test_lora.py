@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from distributed import run_distributed
+from hf_models import random_llama
 from megatron_aquila.checkpoint.full_state import gather_full_state_dict, load_full_state_dict
 from megatron_aquila.checkpoint.hf_mapping import TokenIds, full_to_hf, hf_config_dict, hf_to_full
 from megatron_aquila.config import ModelConfig
@@ -292,17 +293,13 @@ def test_tp2_lora_matches_single_process():
 
 
 # ------------------------------------------------------------------ PEFT
-def _random_hf_model(transformers, config: ModelConfig):
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+def _random_hf_model(config: ModelConfig):
+    """A random transformers model of ``config``'s shape."""
+    return random_llama(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.kv_heads, max_position_embeddings=config.seq_length, rms_norm_eps=config.norm_eps,
-        tie_word_embeddings=False))
-    with torch.no_grad():
-        for param in hf.parameters():
-            param.normal_(1.0 if param.dim() == 1 else 0.0, 0.1 if param.dim() == 1 else 0.05)
-    return hf.eval()
+        tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize("targets,interleaved", [(ALL, False), (PARTIAL, False), (("q", "k", "up", "down"), True)])
@@ -318,7 +315,7 @@ def test_peft_adapter_gives_our_logits_in_transformers(tmp_path, targets, interl
             hf_config_dict(config, dtype=torch.float32, token_ids=TokenIds(bos=1, eos=2, pad=0)))).eval()
         hf.load_state_dict(full_to_hf(gather_full_state_dict([model], ctx), config))
     else:  # a random transformers model, imported
-        hf = _random_hf_model(transformers, config)
+        hf = _random_hf_model(config)
         model = AquilaModel(config, ctx, initialize=False)
         load_full_state_dict([model], hf_to_full(hf.state_dict(), config, tp_size=1), ctx, config)
     settings = LoraSettings(rank=4, alpha=12.0, dropout=0.1, targets=targets)

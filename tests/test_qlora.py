@@ -49,7 +49,7 @@ STEPS, LR = 3, 0.5
 
 def _hf_model() -> "transformers.LlamaForCausalLM":
     """test_lora's random Llama at this file's shape, in bf16 as published: both sides quantize the same values."""
-    return _random_hf_model(transformers, ModelConfig(**CONFIG)).to(torch.bfloat16)
+    return _random_hf_model(ModelConfig(**CONFIG)).to(torch.bfloat16)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distributed import run_distributed
+from hf_models import random_llama
 from megatron_aquila.checkpoint.full_state import load_full_state, load_full_state_dict
 from megatron_aquila.config import ModelConfig
 from megatron_aquila.model.aquila import AquilaModel
@@ -93,16 +94,10 @@ def test_vocab_size_outside_the_padded_vocabulary_is_refused():
 # ------------------------------------------------------------------ an imported HF model
 def _hf_model(directory: Path):
     """A random fp32 LlamaForCausalLM (norm weights too), saved to ``directory``."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    model = random_llama(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(1.0 if param.dim() == 1 else 0.0, 0.1 if param.dim() == 1 else 0.05)
     model.save_pretrained(directory)
     return model
 
