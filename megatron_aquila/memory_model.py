@@ -68,7 +68,7 @@ from megatron_aquila.config import Config
 from megatron_aquila.model.aquila import AquilaModel
 from megatron_aquila.model.kernels import KernelChoice, flash_attention_applies
 from megatron_aquila.model.packed_attention import packed_attention_path
-from megatron_aquila.model.lora import LORA_PARAMETERS, TARGETS, LoraSettings, apply_lora
+from megatron_aquila.model.lora import LORA_PARAMETERS, LoraSettings, adapted_layer, apply_lora
 from megatron_aquila.model.qlora import bytes_per_4bit_weight
 from megatron_aquila.parallel.context import DescribedGroup, ParallelContext, ProcessGroup
 from megatron_aquila.parallel.pipeline.partition import chunk_has_embedding, chunk_has_head, chunk_layer_ids
@@ -114,18 +114,13 @@ def _planning_context(config: Config, world_size: int, tp_rank: int, pp_rank: in
         model_parallel_group=None, world_group=None, pp_ranks=tuple(range(pp)), device=torch.device("meta"))
 
 
-def _is_lora_target_weight(name: str, config: Config) -> bool:
-    """``layers.3.mlp.down.weight`` is the base weight of a finetune.lora target (4-bit under Q-LoRA)."""
-    layers = {TARGETS[target][0] for target in config.finetune.lora.targets}
-    parts = name.split(".")
-    return len(parts) == 5 and parts[0] == "layers" and parts[-1] == "weight" and ".".join(parts[2:4]) in layers
-
-
 def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
     """Build every (TP rank, PP rank) chunk set on the meta device and count its parameters."""
     m, p = config.model, config.parallel
     dtype = config.precision.torch_dtype
     ranks = []
+    quantized_targets = (None if config.finetune.qlora is None  # Q-LoRA: these layers' base weights are 4-bit
+                         else LoraSettings.from_config(config.finetune.lora))
     for tp_rank in range(p.tensor_parallel):
         tp_group = DescribedGroup(p.tensor_parallel, tp_rank) if p.tensor_parallel > 1 else None
         for pp_rank in range(p.pipeline_parallel):
@@ -144,7 +139,7 @@ def rank_parameters(config: Config, world_size: int) -> list[RankParameters]:
                     apply_lora(model, LoraSettings.from_config(config.finetune.lora), config.training.seed)
                 layer_ids.append(ids)
                 for name, param in model.named_parameters():
-                    if config.finetune.qlora is not None and _is_lora_target_weight(name, config):
+                    if quantized_targets is not None and adapted_layer(name, quantized_targets) is not None:
                         quantized += param.numel()
                     if name.rsplit(".", 1)[-1] in LORA_PARAMETERS:
                         adapters += param.numel()

@@ -194,6 +194,13 @@ def lora_row_mask(config: ModelConfig, layer: str, projections: tuple[str, ...])
     return mask
 
 
+def adapted_layer(name: str, settings: LoraSettings) -> Optional[str]:
+    """The layer kind (``mlp.down``, ...) when ``name`` (``layers.3.mlp.down.weight``) is the base weight of a
+    layer ``settings`` adapts, else None."""
+    match = _LAYER_NAME.fullmatch(name.removesuffix(".weight")) if name.endswith(".weight") else None
+    return match.group(2) if match is not None and match.group(2) in settings.layer_projections() else None
+
+
 def _masked(lora_b: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return lora_b if mask is None else lora_b * mask
 
@@ -397,13 +404,12 @@ class MergedLoraWeights(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         weight = self.base[name]
-        match = _LAYER_NAME.fullmatch(name.removesuffix(".weight")) if name.endswith(".weight") else None
-        if match is None or match.group(2) not in self.targets:
+        layer_kind = adapted_layer(name, self.settings)
+        if layer_kind is None:
             return weight
         layer = name.removesuffix(".weight")
         delta = lora_delta(self.lora[f"{layer}.lora_a"], self.lora[f"{layer}.lora_b"],
-                           lora_row_mask(self.config, match.group(2), self.targets[match.group(2)]),
-                           self.settings.scale)
+                           lora_row_mask(self.config, layer_kind, self.targets[layer_kind]), self.settings.scale)
         return weight.float() + delta
 
     def __contains__(self, name: object) -> bool:
