@@ -44,7 +44,6 @@ from torch import nn
 
 from megatron_aquila.config import QLoraConfig
 from megatron_aquila.model.lora import (
-    TARGETS,
     LoraColumnParallelLinear,
     LoraRowParallelLinear,
     LoraSettings,
@@ -179,7 +178,7 @@ def _quantize_layer(layer: nn.Module, settings: QLoraSettings) -> None:
 
 def quantizing_block_hook(lora: LoraSettings, settings: QLoraSettings) -> Callable[[str, nn.Module], None]:
     """An ``AquilaModel`` block hook quantizing the LoRA-targeted layers of each block as it is built."""
-    layers = {TARGETS[name][0] for name in lora.targets}
+    layers = lora.layer_projections()  # targeted layer kinds: attention.qkv, mlp.down, ...
 
     def quantize_block(_block_name: str, block: nn.Module) -> None:
         for name, module in block.named_modules():
