@@ -32,8 +32,8 @@ Memory per GPU (bytes): weights (2 per parameter in fp16/bf16, 4 in fp32), grads
        math attention        (``--math-attention``, or fp32 under GQA) adds the s x s probabilities
                              a b n s^2 / t (cp s^2 under CP), and K and V per query head
    First stage: the token ids (8 s b; 9 s b under TP). Last stage: the final norm, the output layer
-   input a s' b h and the cross entropy's fp32 softmax of the local vocabulary shard 4 s b V/t
-   (+ 9 s b for its int64 targets and bool mask).
+   input a s' b h and the cross entropy's fp32 exp(z - m) of the local vocabulary shard 4 s b V/t
+   (+ 13 s b for its fp32 sums, int64 targets and bool mask).
    Later stages' received inputs (a s' b h) cost nothing extra: the first layer's norm (or the full
    recompute checkpoint) saves that very tensor.
    Pipeline rank r keeps the activations of its in-flight micro-batches: min(m, pp - r) with 1F1B
@@ -320,9 +320,10 @@ def head_activation_bytes(shape: ActivationShape) -> int:
 
 
 def cross_entropy_saved_bytes(shape: ActivationShape) -> int:
-    """The vocab-parallel cross entropy's fp32 softmax [s, b, V/t], local targets (int64) and mask (bool)."""
+    """The vocab-parallel cross entropy's fp32 exp(z - m) [s, b, V/t], fp32 sums S, local targets (int64)
+    and mask (bool)."""
     s, b = shape.seq_length, shape.micro_batch
-    return 4 * s * b * shape.padded_vocab // shape.tp + 9 * s * b
+    return 4 * s * b * shape.padded_vocab // shape.tp + 13 * s * b
 
 
 def head_peak_temporaries(shape: ActivationShape) -> int:

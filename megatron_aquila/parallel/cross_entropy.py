@@ -15,13 +15,13 @@ n_r = clamp(V - r*V_pad/p, 0, V_pad/p) of them:
 The padded rows' shifted logits are set to -inf in the fp32 buffer, so exp makes them exactly 0
 and they add nothing to S.
 
-Backward: dloss/dz_v = softmax_v - [v == t], computed on each rank's own shard only
-(softmax_v = exp(z_v - m) / S is kept from the forward), scaled by the incoming grad. A padded
-row's softmax is exactly 0 and it is never a target, so its grad, and the grad of its output-layer
-weights, is exactly 0: padded rows stay as they were. A target id >= V would get an infinite loss.
+Backward: g dloss/dz_v = g (softmax_v - [v == t]) for the incoming grad g, computed on each rank's
+own shard only: exp(z_v - m) and S are kept from the forward, and g softmax_v = exp(z_v - m) (g / S)
+is one pass over the kept buffer, the target column then takes -g. A padded row's softmax is exactly
+0 and it is never a target, so its grad, and the grad of its output-layer weights, is exactly 0: padded rows stay as they were. A target id >= V would get an infinite loss.
 Math is fp32 whatever the logits' dtype; the loss is fp32 per token. Memory: one fp32
 [..., V_pad/p] buffer (the fp32 copy of half-precision logits, shifted and masked in place; a new
-one for fp32 logits, which belong to the caller), saved as the softmax.
+one for fp32 logits, which belong to the caller), saved as exp(z - m) and reused in place for the grad.
 """
 from __future__ import annotations
 
@@ -76,18 +76,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             dist.all_reduce(sum_exp, group=group)
         loss = torch.log(sum_exp) - target_logit  # [...] fp32
 
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, outside)
+        ctx.save_for_backward(exp, sum_exp, local_target, outside)
         ctx.logits_dtype = logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local_target, outside = ctx.saved_tensors
-        grad = softmax  # reused in place: the saved softmax is needed only once
-        inside = (~outside).to(grad.dtype).unsqueeze(-1)
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -inside)
-        grad.mul_(grad_loss.unsqueeze(-1))
+        exp, sum_exp, local_target, outside = ctx.saved_tensors
+        # g * (softmax - onehot) with softmax = exp / S: one pass over the buffer, which is reused in
+        # place (the saved exp is needed only once), then the target column.
+        scale = grad_loss / sum_exp  # [...]
+        grad = exp.mul_(scale.unsqueeze(-1))
+        target_grad = grad_loss.masked_fill(outside, 0.0).unsqueeze(-1)
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -target_grad)
         return grad.to(ctx.logits_dtype), None, None, None
 
 
