@@ -192,6 +192,14 @@ def _torch_sdpa(dropout_p: float, on_cuda: Optional[bool] = None,
             # [b, n, sq, sk] probabilities. Query head i reads kv head i // (n/g), as enable_gqa does.
             keys, values = (x.repeat_interleave(n // k.shape[2], dim=1) for x in (keys, values))  # [b, n, sk, d]
             gqa = False
+        if not cuda and k._base is None and v._base is None:
+            # CPU's flash kernel reads K and V per (batch, head) along the sequence: strided views of
+            # [s, b, g, d] cost it ~20% of its time at s = 512 (benchmarks/bench_vs_hf.py). The copies
+            # replace the saved K and V one for one, as nothing else holds the originals; views (a
+            # context-parallel chunk's key prefix of the gathered K and V, which stay saved) are not
+            # copied. Q stays a view, so the output (which keeps Q's memory order) reshapes to
+            # [s, b, n*d] without a copy.
+            keys, values = keys.contiguous(), values.contiguous()  # [b, g, sk, d] contiguous
         out = sdpa(q.permute(1, 2, 0, 3), keys, values, dropout_p=dropout_p if training else 0.0,
                    enable_gqa=gqa, **mask)
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)  # [s, b, n*d]

@@ -134,11 +134,13 @@ class Attention(nn.Module):
         qkv = self.qkv(x)  # [s, b, (n + 2g)/tp * d]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_kv_heads, self.heads_per_group + 2, self.head_dim)
-        q = apply_rotary(qkv[:, :, :, :self.heads_per_group], cos, sin, self.interleaved)
-        q = q.view(s, b, self.local_heads, self.head_dim)  # [s, b, n/tp, d]
-        k = apply_rotary(qkv[:, :, :, self.heads_per_group], cos, sin, self.interleaved)  # [s, b, g/tp, d]
+        # One split rather than three indexings: its backward writes the three grads into one new
+        # [s, b, g/tp, n/g + 2, d] tensor (a cat), where indexing zero-fills and adds one such tensor each.
+        q, k, v = qkv.split([self.heads_per_group, 1, 1], dim=3)
+        q = apply_rotary(q, cos, sin, self.interleaved).view(s, b, self.local_heads, self.head_dim)  # [s, b, n/tp, d]
+        k = apply_rotary(k.squeeze(3), cos, sin, self.interleaved)  # [s, b, g/tp, d]
         # A copy: attention saves v, and a strided view would keep the whole fused QKV output alive.
-        v = qkv[:, :, :, self.heads_per_group + 1].contiguous()  # [s, b, g/tp, d]
+        v = v.squeeze(3).contiguous()  # [s, b, g/tp, d]
         if self.selective_recompute and torch.is_grad_enabled():
             context = _checkpoint(self._core, self.rng, q, k, v, segments)
         else:
