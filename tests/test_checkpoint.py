@@ -13,6 +13,7 @@ relative under another layout).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -334,3 +335,44 @@ def test_async_save_killed_mid_write_keeps_the_previous_checkpoint(workdir, refe
     losses = run(workdir, "async_kill_b", 4, overrides)
     assert losses == {i: reference[i] for i in range(5, TRAIN_ITERS + 1)}
     assert latest_iteration(save) == TRAIN_ITERS
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor value by the host (``.item()``, ``bool(t)``: aten._local_scalar_dense)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_save_refuses_non_finite_weights_with_one_host_read(tmp_path):
+    from megatron_aquila.build import build_trainer_parts
+    from megatron_aquila.checkpoint.saver import CheckpointSaver
+    from megatron_aquila.config import load_config
+    from megatron_aquila.parallel.context import ParallelContext
+    from megatron_aquila.training_state import TrainingState
+
+    config = load_config(None, [
+        "model.num_layers=3", "model.hidden_size=32", "model.num_attention_heads=4", "model.num_kv_heads=2",
+        "model.ffn_hidden_size=64", "model.seq_length=16", "model.vocab_size=64", "data.mock=true",
+        "data.num_workers=0", "logging.peak_tflops=1.0", "training.micro_batch_size=2",
+        "training.global_batch_size=2", "training.train_iters=1", f"checkpoint.save={tmp_path}"])
+    config.validate(1)
+    ctx = ParallelContext.single_process()
+    parts, _ = build_trainer_parts(config, ctx)
+    saver = CheckpointSaver(config, ctx)
+    params = list(parts.model_chunks[0].parameters())
+    reads = _HostReads()
+    with reads:
+        saver._refuse_non_finite(parts, TrainingState(iteration=7))  # all finite: passes
+    assert reads.count == 1, f"{reads.count} host reads to check {len(params)} parameters"
+
+    with torch.no_grad():
+        params[len(params) // 2].view(-1)[3] = math.inf
+    with pytest.raises(CheckpointError, match="refusing to save iteration 7: parameters hold NaN or Inf"):
+        saver.save(parts, TrainingState(iteration=7))
+    assert not (tmp_path / "iter_0000007").exists() and not (tmp_path / "iter_0000007.tmp").exists()

@@ -243,13 +243,15 @@ class CheckpointSaver:
         remove_stale_staging(final.parent, meta["iteration"])
 
     def _refuse_non_finite(self, parts: TrainerParts, state: TrainingState) -> None:
-        """Never store NaN/Inf weights: check every rank's parameters, agree over the world."""
+        """Never store NaN/Inf weights: check every rank's parameters, agree over the world.
+
+        The per-parameter verdicts stay on the device (one 0-d bool each) and are combined there, so
+        the check reads the host once (after the all-reduce), not once per parameter."""
+        finite = [torch.isfinite(param).all() for chunk in parts.model_chunks for param in chunk.parameters()
+                  if param.device.type != "meta"]  # meta: a 4-bit stand-in (model/qlora.py)
         bad = torch.zeros(1, device=self.ctx.device)
-        for chunk in parts.model_chunks:
-            for param in chunk.parameters():
-                if param.device.type != "meta" and not torch.isfinite(param).all():  # meta: a 4-bit stand-in
-                    bad[0] = 1.0
-                    break
+        if finite:
+            bad = (~torch.stack(finite).all()).to(bad.dtype).reshape(1)  # [1]: 1.0 where any is NaN/Inf
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:
