@@ -3,24 +3,36 @@
 1. ``packed_attention_path`` for every combination of device, dtype, flash-attn varlen, FlexAttention and
    attention dropout; ``choose_kernels`` maps it to kernels, and a forced flash-attn without the varlen
    kernel is a one-line error naming ``model.kernels`` and the way out.
-2. cu_seqlens by hand, whole rows and context-parallel chunks.
+2. cu_seqlens by hand, whole rows and context-parallel chunks. The documents' host form
+   (``find_documents``, what the loader hands the model) by hand; the varlen layout built from it equals the
+   one derived on the device from the position ids, over whole rows and every CP chunk, and reads nothing
+   from the device (mask tensors on ``meta``; on CUDA, ``torch.cuda`` sync debug mode "error").
 3. The dense-mask SDPA path equals attention computed per document with plain torch maths; the varlen
    path, with the derived cu_seqlens fed to a pure-torch emulation of ``flash_attn_varlen_func`` (one
    causal SDPA per segment, aligned to the bottom right), equals the dense path in forward and backward,
    over whole rows and over every context-parallel chunk (cp 2 and 4, documents crossing chunks, GQA);
    FlexAttention (eager, forward only on the CPU) equals it too.
 4. The dry run's stand-ins: the varlen and flex paths save no s x s tensor (the dense path does), the
-   varlen path's two host syncs per micro-batch are named, and the FlexAttention block mask is small.
+   varlen path's two host syncs per micro-batch without the host form (the fallback) are named, and the
+   FlexAttention block mask is small.
+5. End to end: every packed SFT micro-batch from the real data path reaches every model chunk with the
+   host form of its whole rows, which agrees with its position ids and is what the layers' document mask
+   builds its varlen layouts from (equal to the derived ones), under each schedule (no pipelining, 1F1B
+   with CP 2, interleaved) on gloo.
 """
 from __future__ import annotations
 
 import math
 import sys
 import types
+from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 from distributed import run_distributed
+from test_sft_training import BASE as SFT_BASE, SEQ, write_conversations
+from training import train_with
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -28,11 +40,13 @@ from megatron_aquila.dryrun import cuda_kernels
 from megatron_aquila.dryrun.memory import ALLOCATION_BLOCK
 from megatron_aquila.dryrun.syncs import HostSyncCounter
 from megatron_aquila.model import kernels
-from megatron_aquila.model.packed_attention import (DocumentMask, flash_varlen_attention, flex_document_attention,
+from megatron_aquila.model.packed_attention import (DocumentMask, PackedDocuments, find_documents,
+                                                    flash_varlen_attention, flex_document_attention,
                                                     packed_attention_path)
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.context_parallel import (chunk_ids, context_parallel_attention, gather_positions,
                                                        local_token_indices)
+from megatron_aquila.training_state import TrainerParts
 
 # ------------------------------------------------------------------------------------------------ selection
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -96,11 +110,26 @@ def _positions(rows: list[list[int]]) -> torch.Tensor:
     return torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in rows])
 
 
-def _root_mask(positions: torch.Tensor, cp: int = 1, rank: int = 0) -> DocumentMask:
-    """What the model builds (model/aquila.py ``_documents``) from the whole sequence's position ids."""
-    documents = (positions == 0).cumsum(dim=1)
-    local = local_token_indices(positions.shape[1], rank, cp) if cp > 1 else torch.arange(positions.shape[1])
-    return DocumentMask(documents.index_select(1, local), documents, local)
+def _root_mask(positions: torch.Tensor, cp: int = 1, rank: int = 0, host: bool = False,
+               device: torch.device | str | None = None) -> DocumentMask:
+    """What the model builds (model/aquila.py ``_documents``) from the whole sequence's position ids, on
+    ``device`` (default: theirs); ``host``: with the documents' host form the loader gives it (from the
+    position ids on the CPU), else deriving them on the mask's device (the fallback)."""
+    s, device = positions.shape[1], device or positions.device
+    key_documents = (positions == 0).cumsum(dim=1)  # [b, S]
+    local = (local_token_indices(s, rank, cp) if cp > 1 else torch.arange(s)).to(positions.device)  # [S / cp]
+    query_documents = key_documents.index_select(1, local)  # [b, S / cp]
+    return DocumentMask(query_documents.to(device), key_documents.to(device), local.to(device),
+                        find_documents(positions.cpu()) if host else None)
+
+
+def _views(root: DocumentMask, cp: int, rank: int) -> list[DocumentMask]:
+    """The views the attention of CP rank ``rank`` reads: the root itself without CP, else its two chunks."""
+    if cp == 1:
+        return [root]
+    c = root.key_documents.shape[1] // (2 * cp)
+    return [root.chunk(slice(half * c, (half + 1) * c), (chunk + 1) * c)
+            for half, chunk in enumerate(chunk_ids(rank, cp))]
 
 
 def test_cu_seqlens_by_hand():
@@ -116,6 +145,89 @@ def test_cu_seqlens_by_hand():
     # row 0: document [0, 3) has no query here, [3, 8) has 2; row 1: one document, 2 queries
     assert last.cu_seqlens_q.tolist() == [0, 0, 2, 4] and last.cu_seqlens_k.tolist() == [0, 3, 8, 16]
     assert (last.max_seqlen_q, last.max_seqlen_k) == (2, 8)
+
+
+ROWS = [[5, 9, 2, 16], [1, 20, 11]]  # two rows of 32 tokens, documents crossing every chunk boundary
+
+
+def test_host_documents_by_hand():
+    documents = find_documents(_positions([[3, 5], [8]]))  # s = 8
+    assert documents.starts.tolist() == [0, 3, 0] and documents.ends.tolist() == [3, 8, 8]
+    assert (documents.longest, documents.shape) == (8, (2, 8))
+    # a row whose first position id is not 0 still starts a document there (as the device derivation has it)
+    documents = find_documents(torch.tensor([[4, 5, 0, 1, 0, 1, 2, 3]]))
+    assert documents.starts.tolist() == [0, 2, 4] and documents.ends.tolist() == [2, 4, 8] and documents.longest == 4
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+@pytest.mark.parametrize("rows", [ROWS, [[1] * 32, [32]], [[7, 1, 1, 23], [16, 16]]])
+def test_varlen_layout_from_host_documents_equals_the_one_derived_on_the_device(cp, rows):
+    positions = _positions(rows)
+    for rank in range(cp):
+        host, derived = _root_mask(positions, cp, rank, host=True), _root_mask(positions, cp, rank)
+        for got, want in zip(_views(host, cp, rank), _views(derived, cp, rank)):
+            got, want = got.varlen_layout(), want.varlen_layout()
+            assert got.cu_seqlens_q.dtype == got.cu_seqlens_k.dtype == torch.int32
+            assert got.cu_seqlens_q.tolist() == want.cu_seqlens_q.tolist()
+            assert got.cu_seqlens_k.tolist() == want.cu_seqlens_k.tolist()
+            assert (got.max_seqlen_q, got.max_seqlen_k) == (want.max_seqlen_q, want.max_seqlen_k)
+
+
+def test_host_documents_must_describe_the_whole_sequence():
+    """The host form of one CP rank's tokens (taken after the CP split) is refused: it must be the whole rows'."""
+    positions = _positions(ROWS)
+    key_documents = (positions == 0).cumsum(dim=1)  # [b, S]
+    local = local_token_indices(32, 0, 2)
+    with pytest.raises(ValueError, match=r"rows of shape \(2, 16\), the keys are \(2, 32\)"):
+        DocumentMask(key_documents[:, local], key_documents, local, find_documents(positions[:, local]))
+
+
+def _zero_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, causal=False):
+    """A varlen kernel that reads nothing: zeros [total_q, n, d] on q's device (``meta`` here)."""
+    assert cu_seqlens_q.device == cu_seqlens_k.device == q.device and cu_seqlens_q.dtype == torch.int32
+    return torch.zeros_like(q)
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+def test_varlen_path_with_host_documents_reads_nothing_from_the_device(cp):
+    """The mask's tensors (and q, k, v) on ``meta``, where any .item() or nonzero raises: with the host form the
+    layout of every view builds, its cu_seqlens on ``meta``; without it the device derivation raises."""
+    positions = _positions(ROWS)
+    varlen = flash_varlen_attention(0.0, kernel=_zero_attention, version="2.5.8")
+    for rank in range(cp):
+        on_host = _views(_root_mask(positions, cp, rank, host=True), cp, rank)
+        on_meta = _views(_root_mask(positions, cp, rank, host=True, device="meta"), cp, rank)
+        for view, reference in zip(on_meta, on_host):
+            layout, want = view.varlen_layout(), reference.varlen_layout()
+            assert layout.cu_seqlens_q.device.type == layout.cu_seqlens_k.device.type == "meta"
+            assert layout.cu_seqlens_q.shape == want.cu_seqlens_q.shape and layout.cu_seqlens_q.dtype == torch.int32
+            assert (layout.max_seqlen_q, layout.max_seqlen_k) == (want.max_seqlen_q, want.max_seqlen_k)
+            sq, sk = view.query_documents.shape[1], view.key_documents.shape[1]
+            q, k, v = (torch.empty(s, 2, heads, 8, device="meta") for s, heads in ((sq, 4), (sk, 2), (sk, 2)))
+            assert varlen(q, k, v, True, view).shape == (sq, 2, 32)
+        with pytest.raises((RuntimeError, NotImplementedError)):  # the fallback reads the device
+            _views(_root_mask(positions, cp, rank, device="meta"), cp, rank)[0].varlen_layout()
+
+
+@pytest.mark.gpu
+def test_cuda_varlen_layout_from_host_documents_has_no_sync():
+    """On CUDA under ``torch.cuda.set_sync_debug_mode("error")`` (a synchronizing op raises): the layouts of
+    the whole rows and of both chunks of each CP 2 rank, from the host form, equal the derived ones."""
+    positions = _positions(ROWS)
+    for cp in (1, 2):
+        for rank in range(cp):
+            want = [view.varlen_layout() for view in _views(_root_mask(positions, cp, rank), cp, rank)]
+            views = _views(_root_mask(positions, cp, rank, host=True, device="cuda"), cp, rank)  # blocking copies
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                got = [view.varlen_layout() for view in views]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            for layout, expected in zip(got, want):
+                assert layout.cu_seqlens_q.is_cuda and layout.cu_seqlens_k.is_cuda
+                assert layout.cu_seqlens_q.cpu().tolist() == expected.cu_seqlens_q.tolist()
+                assert layout.cu_seqlens_k.cpu().tolist() == expected.cu_seqlens_k.tolist()
+                assert (layout.max_seqlen_q, layout.max_seqlen_k) == (expected.max_seqlen_q, expected.max_seqlen_k)
 
 
 # ------------------------------------------------------------------------------------------------ numerics
@@ -153,9 +265,6 @@ def varlen_emulation(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         allowed = torch.ones(q_hi - q_lo, k_hi - k_lo, dtype=torch.bool).tril(k_hi - k_lo - (q_hi - q_lo))
         pieces.append(F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed).transpose(0, 1))
     return torch.cat(pieces)  # [total_q, n, d]
-
-
-ROWS = [[5, 9, 2, 16], [1, 20, 11]]  # two rows of 32 tokens, documents crossing every chunk boundary
 
 
 def _inputs(s: int = 32, b: int = 2, n: int = 4, g: int = 2, d: int = 8):
@@ -354,3 +463,86 @@ def test_cuda_packed_paths_match_the_dense_mask_on_cpu():
                 errors[f"{name} {end} {part}"] = float((x - y).norm() / y.norm())
     print("\nbf16 CUDA vs fp32 CPU dense mask: " + ", ".join(f"{k} {e:.4f}" for k, e in errors.items()))
     assert max(errors.values()) <= 0.03, errors
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _record_forwards(records: list) -> Callable[[TrainerParts, ParallelContext], None]:
+    """A ``prepare`` hook: every forward of a model chunk appends [chunk, position ids [b, s/cp], the documents
+    given to the chunk, the ``DocumentMask`` its first layer gets]."""
+    def prepare(parts: TrainerParts, ctx: ParallelContext) -> None:
+        for index, chunk in enumerate(parts.model_chunks):
+            layer = next(iter(chunk.layers.values()))
+
+            def chunk_forward(*args, forward=chunk.forward, index=index, **kwargs):
+                records.append([index, args[1].clone(), kwargs.get("documents")])  # args: tokens, position_ids, ...
+                return forward(*args, **kwargs)
+
+            def layer_forward(x, cos, sin, segments, forward=layer.forward):
+                records[-1].append(segments)
+                return forward(x, cos, sin, segments)
+            chunk.forward, layer.forward = chunk_forward, layer_forward
+    return prepare
+
+
+def documents_worker(rank: int, world_size: int, data: str, overrides: list[str]):
+    """One packed SFT iteration through the real loader, trainer and schedule: (CP rank, PP rank, the records of
+    ``_record_forwards``)."""
+    records: list = []
+    _, _, ctx = train_with(SFT_BASE + [f"data.data_path=[{data}]", "training.train_iters=1",
+                                       "optimizer.lr_warmup_iters=0"] + overrides, world_size,
+                           prepare=_record_forwards(records))
+    return ctx.cp_rank, ctx.pp_rank, records
+
+
+def _documents_by_hand(positions: torch.Tensor) -> tuple[list[int], list[int], int]:
+    """(starts, ends, longest) of the documents of rows [b, S]: a new one wherever the position id is 0."""
+    starts, ends = [], []
+    for row in positions.tolist():
+        row_starts = [0] + [j for j in range(1, len(row)) if row[j] == 0]
+        starts += row_starts
+        ends += row_starts[1:] + [len(row)]
+    return starts, ends, max(end - start for start, end in zip(starts, ends))
+
+
+SCHEDULES = {  # world size, chunks per stage, overrides; 8 samples a step in micro-batches of 2: 4 micro-batches
+    "no-pipelining": (1, 1, []),
+    "1f1b-cp2": (4, 1, ["parallel.pipeline_parallel=2", "parallel.context_parallel=2"]),
+    "interleaved": (2, 2, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline_stages=2"]),
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_packed_sft_microbatches_reach_every_chunk_with_their_documents(schedule, tmp_path):
+    """Every forward of every chunk gets the host form of its micro-batch's whole rows [b, S], on the CPU, equal on
+    the CP ranks and agreeing with the position ids the CP ranks got (their chunks put back in sequence order);
+    the layers' document mask holds it, and its varlen layouts equal those derived from the mask's device tensors."""
+    world_size, chunks_per_stage, overrides = SCHEDULES[schedule]
+    write_conversations(tmp_path / "chat", np.random.RandomState(5).randint(3, 20, size=40).tolist(), seed=2)
+    args = (str(tmp_path / "chat"), overrides)
+    results = run_distributed(documents_worker, world_size, args=args) if world_size > 1 else \
+        [documents_worker(0, 1, *args)]
+    cp = 1 + max(cp_rank for cp_rank, _, _ in results)
+    stages: dict[int, dict[int, list]] = {}
+    for cp_rank, pp_rank, records in results:
+        stages.setdefault(pp_rank, {})[cp_rank] = records
+    assert cp * len(stages) == world_size and ("cp2" in schedule) == (cp == 2), (schedule, cp, len(stages))
+    for pp_rank, ranks in stages.items():
+        chunks = [record[0] for record in ranks[0]]
+        assert sorted(chunks) == [c for c in range(chunks_per_stage) for _ in range(4)], (schedule, pp_rank, chunks)
+        for forwards in zip(*(ranks[r] for r in range(cp))):  # one forward, as each CP rank ran it
+            full = torch.empty(2, SEQ, dtype=torch.long)
+            for cp_rank, (_, positions, *_) in enumerate(forwards):
+                full[:, local_token_indices(SEQ, cp_rank, cp) if cp > 1 else slice(None)] = positions
+            want = _documents_by_hand(full)
+            assert len(want[0]) >= 4, want  # every row holds a conversation and another one or the padding
+            assert len({record[0] for record in forwards}) == 1, forwards  # the same chunk on every CP rank
+            for cp_rank, (index, _, documents, mask) in enumerate(forwards):
+                assert isinstance(documents, PackedDocuments), (schedule, pp_rank, index, documents)
+                assert documents.starts.device.type == "cpu" and documents.shape == (2, SEQ)
+                assert (documents.starts.tolist(), documents.ends.tolist(), documents.longest) == want
+                assert mask.documents is documents
+                derived = DocumentMask(mask.query_documents, mask.key_documents, mask.query_positions)
+                for got, expected in zip(_views(mask, cp, cp_rank), _views(derived, cp, cp_rank)):
+                    got, expected = got.varlen_layout(), expected.varlen_layout()
+                    assert got.cu_seqlens_q.tolist() == expected.cu_seqlens_q.tolist()
+                    assert got.cu_seqlens_k.tolist() == expected.cu_seqlens_k.tolist()

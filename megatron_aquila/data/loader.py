@@ -3,7 +3,10 @@
 Every rank of a data-parallel replica (its TP, CP and PP ranks) reads the same micro-batches from
 the memory-mapped dataset; the sampler slices each global step by data-parallel rank, and a
 context-parallel rank keeps its two chunks of every sample's tokens, labels, loss mask and
-position ids (``parallel/context_parallel.py``). The train
+position ids (``parallel/context_parallel.py``). With packed SFT data (``data.sft``) each micro-batch
+also carries ``documents``: the documents of its whole rows [b, S] (``find_documents``), found from
+the position ids on the host before the CP split and the copy to the device, so per-document
+attention learns them with no device read (``model/packed_attention.py``, "Host syncs"). The train
 stream restarts exactly at a consumed-samples count. Validation reads the same first
 ``eval_iters`` global batches of the valid split at every evaluation, so values are comparable.
 """
@@ -20,10 +23,12 @@ from megatron_aquila.data.blended_dataset import build_blended_gpt_datasets
 from megatron_aquila.data.gpt_dataset import GPTDatasetConfig
 from megatron_aquila.data.sft_dataset import build_sft_datasets
 from megatron_aquila.data.sampler import MicroBatchSampler, collate_samples
+from megatron_aquila.model.packed_attention import find_documents
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.context_parallel import split_batch
+from megatron_aquila.parallel.pipeline.schedules import Microbatch
 
-StreamFactory = Callable[[int], Iterator[dict[str, torch.Tensor]]]
+StreamFactory = Callable[[int], Iterator[Microbatch]]
 SampleSources = Callable[[int], str]  # train-dataset sample index -> where its tokens come from
 
 
@@ -52,15 +57,17 @@ class MockGPTDataset(torch.utils.data.Dataset):
 
 
 def micro_batch_stream(dataset: torch.utils.data.Dataset, consumed: int, config: Config, ctx: ParallelContext,
-                       num_workers: int) -> Iterator[dict[str, torch.Tensor]]:
+                       num_workers: int) -> Iterator[Microbatch]:
     """This rank's micro-batches of ``dataset`` from global sample ``consumed`` on (module docstring)."""
     sampler = MicroBatchSampler(len(dataset), consumed, config.training.micro_batch_size, ctx.dp_rank, ctx.dp_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
                                          num_workers=num_workers, pin_memory=ctx.device.type == "cuda",
                                          persistent_workers=False)
     for batch in loader:
+        documents = find_documents(batch["position_ids"]) if config.data.sft else None  # whole rows, on the host
         batch = split_batch(batch, ctx.cp_rank, ctx.cp_size)  # [b, S] -> [b, S / cp] each
-        yield {key: value.to(ctx.device, non_blocking=True) for key, value in batch.items()}
+        batch = {key: value.to(ctx.device, non_blocking=True) for key, value in batch.items()}
+        yield batch if documents is None else {**batch, "documents": documents}
 
 
 def sample_sources(dataset: torch.utils.data.Dataset) -> SampleSources:
@@ -100,10 +107,10 @@ def build_streams(config: Config, ctx: ParallelContext, train_samples: int
             raise ValueError(f"the train split of {config.data.data_path} is empty (split {config.data.split!r})")
     workers = config.data.num_workers
 
-    def train_stream(consumed: int) -> Iterator[dict[str, torch.Tensor]]:
+    def train_stream(consumed: int) -> Iterator[Microbatch]:
         return micro_batch_stream(train, consumed, config, ctx, workers)
 
-    def valid_stream(consumed: int) -> Iterator[dict[str, torch.Tensor]]:
+    def valid_stream(consumed: int) -> Iterator[Microbatch]:
         return micro_batch_stream(valid, consumed, config, ctx, 0)
 
     return train_stream, (valid_stream if valid is not None else None), sample_sources(train)

@@ -41,11 +41,12 @@ from megatron_aquila.dryrun.comm import CollectiveLog
 from megatron_aquila.dryrun.memory import MemorySnapshot, MemoryTracker
 from megatron_aquila.dryrun.syncs import HostSyncCounter
 from megatron_aquila.model.kernels import PACKED_KERNELS, _flash_attn, _torch_sdpa, flash_attention_applies
-from megatron_aquila.model.packed_attention import (flash_varlen_attention, flex_document_attention,
+from megatron_aquila.model.packed_attention import (find_documents, flash_varlen_attention, flex_document_attention,
                                                     packed_attention_path)
 from megatron_aquila.model.qlora import prime_bitsandbytes, quantized_weights
 from megatron_aquila.optim.lr_schedule import LRScheduler
 from megatron_aquila.parallel.context import ParallelContext
+from megatron_aquila.parallel.pipeline.schedules import Microbatch
 from megatron_aquila.trainer import Trainer
 from megatron_aquila.training_state import TrainerParts
 
@@ -127,13 +128,22 @@ def _use_cuda_attention(chunks: list[torch.nn.Module], attention: str, dropout: 
             layer.attention.core = core
 
 
-def _synthetic_microbatches(config: Config, ctx: ParallelContext) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless micro-batches of this rank's shape ([b, s/cp]); values are irrelevant (fake tensors)."""
-    b, s = config.training.micro_batch_size, config.model.seq_length // ctx.cp_size
-    while True:
-        yield {"tokens": torch.zeros(b, s, dtype=torch.long), "labels": torch.zeros(b, s, dtype=torch.long),
-               "loss_mask": torch.ones(b, s, dtype=torch.float32),
-               "position_ids": torch.zeros(b, s, dtype=torch.long)}
+def _synthetic_microbatches(config: Config, ctx: ParallelContext) -> Iterator[Microbatch]:
+    """Endless micro-batches of this rank's shape ([b, s/cp]); values are irrelevant (fake tensors). Packed SFT
+    data also carries the documents of the whole rows [b, S] (one per row), found on real host tensors as the
+    loader finds them (``data/loader.py``): call this before entering the fake mode."""
+    b, seq = config.training.micro_batch_size, config.model.seq_length
+    s = seq // ctx.cp_size
+    whole_rows = torch.arange(seq).expand(b, seq)  # [b, S] position ids: one document per row
+    documents = find_documents(whole_rows) if config.data.sft else None
+
+    def stream() -> Iterator[Microbatch]:
+        while True:
+            batch = {"tokens": torch.zeros(b, s, dtype=torch.long), "labels": torch.zeros(b, s, dtype=torch.long),
+                     "loss_mask": torch.ones(b, s, dtype=torch.float32),
+                     "position_ids": torch.zeros(b, s, dtype=torch.long)}
+            yield batch if documents is None else {**batch, "documents": documents}
+    return stream()
 
 
 def _label_persistent(memory: MemoryTracker, parts: TrainerParts) -> None:
@@ -178,11 +188,11 @@ def measure_step(config: Config, ctx: ParallelContext, settings: DryRunSettings,
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     if fake and config.finetune.qlora is not None:
         prime_bitsandbytes(ctx.device)  # its cached code table must be real, not this fake mode's
+    stream = _synthetic_microbatches(config, ctx)
     with fake_mode, memory.tracking(), comm, syncs:
         # fused AdamW, as on CUDA: the foreach kernel reads its step counter on the host
         chunks, buffers, optimizer = build_model_and_optimizer(config, ctx, initialize=not fake, fused_adam=True)
         _use_cuda_attention(chunks, attention, config.model.attention_dropout)
-        stream = _synthetic_microbatches(config, ctx)
         parts = TrainerParts(model_chunks=chunks, grad_buffers=buffers, optimizer=optimizer,
                              lr_scheduler=LRScheduler.from_config(config.optimizer, t), batch_schedule=schedule,
                              train_stream=lambda consumed: stream, valid_stream=None, flops_per_sample=0.0,

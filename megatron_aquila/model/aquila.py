@@ -28,6 +28,7 @@ from torch import nn
 
 from megatron_aquila.config import ModelConfig
 from megatron_aquila.model.kernels import DocumentMask, KernelChoice, build_attention, build_rms_norm, choose_kernels
+from megatron_aquila.model.packed_attention import PackedDocuments
 from megatron_aquila.model.rope import RotaryEmbedding
 from megatron_aquila.model.transformer import (
     RECOMPUTE_MODES,
@@ -55,12 +56,15 @@ class AquilaModel(nn.Module):
     """One pipeline chunk of the Aquila decoder (the whole model with the defaults).
 
     forward(input_ids [b, s] | None, position_ids [b, s] | None, labels [b, s] | None,
-            hidden_states [s, b, h] | None) returns
+            hidden_states [s, b, h] | None, documents: PackedDocuments | None) returns
       - post_process and labels given: per-token loss [b, s] fp32;
       - post_process, no labels: this rank's vocabulary-shard logits [b, s, V/tp] (a transposed view),
         the padded vocabulary columns (ids >= vocab_size) set to the dtype's lowest value;
       - otherwise: hidden states [s, b, h] ([s/tp, b, h] under sequence parallelism).
     The first stage (pre_process) embeds ``input_ids``; later stages take ``hidden_states``.
+    ``documents`` (per-document attention): the documents of the whole sequence's rows [b, S], found on the
+    host by the loader, so the varlen kernel's layout needs no device read; None derives them on the device
+    (``model/packed_attention.py``, "Host syncs").
 
     ``pipeline_stage`` is this chunk's global virtual stage, chunk * pp_size + pp_rank (0 for the
     whole model): it offsets the dropout RNG seeds (``parallel/random.py``) so no two chunks draw
@@ -142,22 +146,25 @@ class AquilaModel(nn.Module):
                 full = full.narrow(param.partition_dim, self.ctx.tp_rank * local, local)
             param.copy_(full)
 
-    def _documents(self, position_ids: torch.Tensor | None) -> DocumentMask:
+    def _documents(self, position_ids: torch.Tensor | None, documents: PackedDocuments | None) -> DocumentMask:
         """The micro-batch's document mask: a document starts wherever the position id is 0
         (data/sft_dataset.py); under context parallelism the keys are the whole sequence's, from the
-        CP group's position ids, and the queries this rank's chunks."""
+        CP group's position ids, and the queries this rank's chunks. ``documents``: their host form over
+        the whole sequence [b, S], or None (``forward``)."""
         if position_ids is None:
             raise ValueError("per-document attention (data.sft) needs position_ids [b, s]: they mark the documents")
         if self.ctx.cp_size == 1:
-            documents = (position_ids == 0).cumsum(dim=1)  # [b, s]
-            return DocumentMask(documents, documents, torch.arange(documents.shape[1], device=documents.device))
+            key_documents = (position_ids == 0).cumsum(dim=1)  # [b, s]
+            positions = torch.arange(key_documents.shape[1], device=key_documents.device)  # [s]
+            return DocumentMask(key_documents, key_documents, positions, documents)
         full = gather_positions(position_ids, self.ctx.cp_group)  # [b, S]
         key_documents = (full == 0).cumsum(dim=1)
         local = local_token_indices(full.shape[1], self.ctx.cp_rank, self.ctx.cp_size).to(full.device)
-        return DocumentMask(key_documents.index_select(1, local), key_documents, local)
+        return DocumentMask(key_documents.index_select(1, local), key_documents, local, documents)
 
     def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, hidden_states: torch.Tensor | None = None,
+                documents: PackedDocuments | None = None) -> torch.Tensor:
         if self.pre_process:
             if input_ids is None:
                 raise ValueError("the first pipeline stage (pre_process=True) needs input_ids [b, s]")
@@ -170,7 +177,7 @@ class AquilaModel(nn.Module):
             x = hidden_states
             seq_len = x.shape[0] * (self.tp_size if self.sequence_parallel else 1)
         cos, sin = self.rotary(seq_len, position_ids, x.device)  # [s, 1|b, 1, d/2] fp32
-        segments = self._documents(position_ids) if self.document_attention else None
+        segments = self._documents(position_ids, documents) if self.document_attention else None
         for layer in self.layers.values():
             x = layer(x, cos, sin, segments)
         if not self.post_process:

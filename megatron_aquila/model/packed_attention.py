@@ -33,9 +33,18 @@ batch-major flattened tensors. ``max_seqlen`` is the longest document clipped to
 (keys): an upper bound, which flash-attn only uses to size its grid.
 
 Host syncs. The varlen kernel's grid has one entry per document, so the host must know the documents:
-the path reads the longest document (``.item()``) and the document starts (``nonzero``) once per
-micro-batch, shared by every layer and both CP chunks; the first waits for the queued GPU work, the
-second finds the device idle. The flex and dense paths have no host sync.
+their [start, end) in each row and the longest length (``PackedDocuments``). The loader
+(``data/loader.py``) finds them with ``find_documents`` from each micro-batch's position ids while those
+are still CPU tensors, before the context-parallel split, so they describe the full rows [b, S]; they
+travel in the micro-batch as ``documents`` through the pipeline schedules to ``AquilaModel.forward``
+and into the ``DocumentMask``. The varlen layout of every view (whole rows, each CP chunk) is then host
+arithmetic, and its two cu_seqlens go host -> device (through pinned memory, non_blocking): with the
+loader's documents the varlen path reads nothing back from the device. Fallback, for callers that pass
+position ids only (generation, the comparisons with transformers, tests): the documents are derived on
+the device from the mask's key documents, two host syncs per micro-batch shared by every layer and
+both CP chunks: the starts (``nonzero``, waits for the queued GPU work), then the longest length
+(``.item()``, finds the device idle). The flex and dense paths read the device documents only and
+have no host sync.
 """
 from __future__ import annotations
 
@@ -87,12 +96,42 @@ class VarlenLayout:
 
 
 @dataclass(frozen=True)
-class _Documents:
-    """Every document of the full rows: local [start, end) in its row, flattened row by row."""
+class PackedDocuments:
+    """Every document of packed rows [b, S], flattened row by row: document i covers the tokens
+    [starts[i], ends[i]) of its row. The rows' documents tile them, so per row the lengths ends - starts
+    sum to S; ``longest`` = max_i (ends[i] - starts[i]). On the host (module docstring: "Host syncs")."""
 
-    starts: torch.Tensor  # int64 [documents]
-    ends: torch.Tensor    # int64 [documents]
+    starts: torch.Tensor     # int64 [D], local to its row, rows in order
+    ends: torch.Tensor       # int64 [D]
     longest: int
+    shape: tuple[int, int]   # (b, S) of the rows they tile
+
+
+def find_documents(position_ids: torch.Tensor) -> PackedDocuments:
+    """The documents of rows of position ids [b, S]: one starts where the position id is 0 (and at every
+    row's first token). On CPU tensors no device is involved (the loader's use)."""
+    is_start = position_ids == 0  # [b, S]
+    is_start[:, 0] = True
+    return _documents_starting_at(is_start)
+
+
+def _documents_starting_at(is_start: torch.Tensor) -> PackedDocuments:
+    """The documents of rows [b, S] whose first tokens are True in ``is_start`` [b, S] (True in column 0).
+    On a device, two host syncs: the starts (``nonzero``), then the longest length (``.item()``)."""
+    b, length = is_start.shape
+    flat_starts = torch.nonzero(is_start.flatten()).squeeze(1)  # [D] in the flattened [b S]
+    flat_ends = torch.cat([flat_starts[1:], flat_starts.new_full((1,), b * length)])  # [D]
+    row_offset = torch.div(flat_starts, length, rounding_mode="floor") * length  # [D]
+    starts, ends = flat_starts - row_offset, flat_ends - row_offset
+    return PackedDocuments(starts, ends, int((ends - starts).max()), (b, length))
+
+
+def _on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``: a host tensor bound for CUDA is staged in pinned memory so the copy is queued on
+    the stream without the host waiting (host -> device only; nothing is read back)."""
+    if x.device == device:
+        return x
+    return (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
 
 
 class DocumentMask:
@@ -104,12 +143,21 @@ class DocumentMask:
     reads what it derives, built on first use and cached in the root mask: the dense [b, 1, sq, sk] mask
     (``dense``), the varlen layout (``varlen_layout``) or the flex block mask (``block_mask``). So the
     kernels' saved references cost one per micro-batch (and chunk), not one per layer.
+
+    ``documents``: the host form of the key rows (``find_documents`` of the whole sequence's position ids,
+    shape (b, sk)), from which the varlen layout is built without reading the device; None derives it from
+    ``key_documents`` on the device (module docstring: "Host syncs").
     """
 
-    def __init__(self, query_documents: torch.Tensor, key_documents: torch.Tensor, query_positions: torch.Tensor):
+    def __init__(self, query_documents: torch.Tensor, key_documents: torch.Tensor, query_positions: torch.Tensor,
+                 documents: Optional[PackedDocuments] = None):
+        if documents is not None and documents.shape != tuple(key_documents.shape):
+            raise ValueError(f"the documents describe rows of shape {documents.shape}, the keys are "
+                             f"{tuple(key_documents.shape)}: find them from the whole sequence's position ids")
         self.query_documents = query_documents  # [b, sq] int64
         self.key_documents = key_documents      # [b, sk] int64
         self.query_positions = query_positions  # [sq] int64, position of each query among the keys
+        self.documents = documents
         self._cache: dict[Hashable, object] = {}
         self._rows, self._keys = slice(None), slice(None)
         self._parent: Optional[DocumentMask] = None
@@ -143,32 +191,30 @@ class DocumentMask:
                 allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
         return self._cached(f"dense {dtype}", build)
 
-    def _documents(self) -> _Documents:
-        """The root's documents (two host syncs: the longest length, then the starts; module docstring)."""
+    def _documents(self) -> PackedDocuments:
+        """The root's documents: the host form given, else derived from the key documents on the device
+        (two host syncs; module docstring)."""
         root = self._parent or self
+        if root.documents is not None:
+            return root.documents
 
-        def build() -> _Documents:
+        def build() -> PackedDocuments:
             documents = root.key_documents  # [b, S]
-            b, length = documents.shape
             is_start = torch.ones_like(documents, dtype=torch.bool)
             is_start[:, 1:] = documents[:, 1:] != documents[:, :-1]  # every row starts a document
-            index = torch.arange(length, device=documents.device)
-            start_of = torch.where(is_start, index, 0).cummax(dim=1).values  # [b, S] start of each token's document
-            longest = int((index - start_of).max()) + 1
-            flat_starts = torch.nonzero(is_start.flatten()).squeeze(1)  # [D] in the flattened [b S]
-            flat_ends = torch.cat([flat_starts[1:], flat_starts.new_full((1,), b * length)])
-            row = torch.div(flat_starts, length, rounding_mode="floor")
-            return _Documents(flat_starts - row * length, flat_ends - row * length, longest)
+            return _documents_starting_at(is_start)
         return root._cached("documents", build)
 
     def varlen_layout(self) -> VarlenLayout:
-        """cu_seqlens and max_seqlen of this view's queries (the last sq of its sk keys; module docstring)."""
+        """cu_seqlens (on the keys' device) and max_seqlen of this view's queries (the last sq of its sk keys;
+        module docstring): arithmetic on the documents' device, the host when the loader found them."""
         def build() -> VarlenLayout:
             documents = self._documents()
             keys, queries = self.key_documents.shape[1], self.query_documents.shape[1]
             key_lo, key_hi = documents.starts.clamp(max=keys), documents.ends.clamp(max=keys)
             query_lo, query_hi = key_lo.clamp(min=keys - queries), key_hi.clamp(min=keys - queries)
-            cumulative = [F.pad(torch.cumsum(hi - lo, 0), (1, 0)).to(torch.int32)  # [D + 1]
+            device = self.key_documents.device
+            cumulative = [_on_device(F.pad(torch.cumsum(hi - lo, 0), (1, 0)).to(torch.int32), device)  # [D + 1]
                           for lo, hi in ((query_lo, query_hi), (key_lo, key_hi))]
             return VarlenLayout(cumulative[0], cumulative[1], min(documents.longest, queries),
                                 min(documents.longest, keys))

@@ -51,9 +51,11 @@ Memory: once a stage has sent a chunk's output to the next stage, the output's s
 (``deallocate_output``) and only its autograd node is kept; backward then starts from that node
 with the received gradient (``backward_from``), which skips autograd's shape check against the
 freed storage. Only the first stage reads tokens, only the last reads labels and the loss mask,
-and every chunk reads position_ids (rotary); every rank draws all ``m`` micro-batches from the
-iterator so that data streams stay aligned. The data-parallel grad reduce runs only in the
-backward of each chunk's last micro-batch (``no_sync`` of that chunk's grad buffer otherwise).
+and every chunk reads position_ids (rotary) and, with packed SFT data, ``documents`` (the host form of
+the whole rows' documents, found by the loader: model/packed_attention.py, "Host syncs"); every rank
+draws all ``m`` micro-batches from the iterator so that data streams stay aligned. The data-parallel
+grad reduce runs only in the backward of each chunk's last micro-batch (``no_sync`` of that chunk's
+grad buffer otherwise).
 """
 from __future__ import annotations
 
@@ -61,16 +63,18 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_aquila.model.packed_attention import PackedDocuments
 from megatron_aquila.parallel.context import ParallelContext, group_size
 from megatron_aquila.parallel.pipeline.p2p import PipelineP2P
 
-Microbatch = dict[str, torch.Tensor]  # tokens, labels, loss_mask, position_ids: each [b, s]
+# tokens, labels, loss_mask, position_ids: each [b, s]; packed SFT adds "documents" (PackedDocuments of [b, S])
+Microbatch = dict[str, Union[torch.Tensor, PackedDocuments]]
 LOSS_AVERAGES = ("per_microbatch", "per_token")
 
 
@@ -146,7 +150,8 @@ def run_forward(model: nn.Module, batch: Optional[Microbatch], hidden_states: Op
     tokens = batch["tokens"] if batch is not None else None
     positions = batch["position_ids"] if batch is not None else None
     labels = batch["labels"] if (batch is not None and is_last) else None
-    return model(tokens, positions, labels, hidden_states)
+    documents = batch.get("documents") if batch is not None else None
+    return model(tokens, positions, labels, hidden_states, documents=documents)
 
 
 def _sync_context(spec: ScheduleSpec, final: bool) -> contextlib.AbstractContextManager:
