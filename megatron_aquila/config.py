@@ -530,6 +530,8 @@ def validate_config(config: Config, world_size: int) -> None:
     _require(o.lr_decay_style in ("cosine", "linear", "constant"),
              f"optimizer.lr_decay_style {o.lr_decay_style!r} must be cosine, linear or constant")
     _require(0 <= o.min_lr <= o.lr, f"optimizer.min_lr {o.min_lr} must be in [0, lr {o.lr}]")
+    _require(pr.dtype != "fp8", "precision.dtype 'fp8' is not implemented: FP8 training has not been run on a "
+                                "GPU by this project, so it is not offered (docs/gpu.md); use precision.dtype=bf16")
     _require(pr.dtype in ("fp32", "bf16", "fp16"), f"precision.dtype {pr.dtype!r} must be fp32, bf16 or fp16")
     _require(config.data.mock or bool(config.data.data_path),
              "data.data_path is empty: give dataset prefixes (or data.mock=true for random tokens)")

@@ -53,6 +53,7 @@ INTERLEAVED_RAMPUP = ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline
     (["training.train_samples=100"], 1, ["exactly one of training.train_iters and training.train_samples"]),
     (["training.rampup_batch_size=[3, 4, 100]"], 2, ["rampup start 3"]),
     (["data.mock=false"], 1, ["data.data_path is empty"]),
+    (["precision.dtype=fp8"], 1, ["precision.dtype 'fp8' is not implemented", "use precision.dtype=bf16"]),
     (["training.train_iters=null", "training.train_samples=1000", "training.rampup_batch_size=[2, 0, 100]"], 1,
      ["increment 0 >= 1"]),
     # every stage but the middle one (batches 2, 5, 8) divides into micro-batches evenly over pp 2
