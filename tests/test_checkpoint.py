@@ -337,22 +337,11 @@ def test_async_save_killed_mid_write_keeps_the_previous_checkpoint(workdir, refe
     assert latest_iteration(save) == TRAIN_ITERS
 
 
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts reads of a tensor value by the host (``.item()``, ``bool(t)``: aten._local_scalar_dense)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
 def test_save_refuses_non_finite_weights_with_one_host_read(tmp_path):
     from megatron_aquila.build import build_trainer_parts
     from megatron_aquila.checkpoint.saver import CheckpointSaver
     from megatron_aquila.config import load_config
+    from megatron_aquila.dryrun.syncs import HostSyncCounter
     from megatron_aquila.parallel.context import ParallelContext
     from megatron_aquila.training_state import TrainingState
 
@@ -366,10 +355,10 @@ def test_save_refuses_non_finite_weights_with_one_host_read(tmp_path):
     parts, _ = build_trainer_parts(config, ctx)
     saver = CheckpointSaver(config, ctx)
     params = list(parts.model_chunks[0].parameters())
-    reads = _HostReads()
-    with reads:
+    with HostSyncCounter(fake=False) as syncs:
         saver._refuse_non_finite(parts, TrainingState(iteration=7))  # all finite: passes
-    assert reads.count == 1, f"{reads.count} host reads to check {len(params)} parameters"
+    assert list(syncs.counts.values()) == [1], f"{dict(syncs.counts)} to check {len(params)} parameters"
+    assert "checkpoint/saver.py" in next(iter(syncs.counts)), syncs.counts
 
     with torch.no_grad():
         params[len(params) // 2].view(-1)[3] = math.inf
