@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_aquila.config import ModelConfig
 from megatron_aquila.model.aquila import AquilaModel
@@ -36,11 +34,7 @@ from megatron_aquila.parallel import context_parallel
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.context_parallel import context_parallel_attention, split_batch
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from gloo_spawn import spawn_gloo  # benchmarks/gloo_spawn.py
 
 
 class ReceivedBytes:
@@ -74,10 +68,9 @@ def median_seconds(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def worker(rank: int, cp: int, seq: int, args: argparse.Namespace, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def worker(rank: int, cp: int, seq: int, args: argparse.Namespace) -> tuple[float, float, int]:
+    """This rank's (step seconds, attention seconds, K/V bytes received per step)."""
     torch.set_num_threads(max(1, args.threads // cp))
-    dist.init_process_group("gloo", rank=rank, world_size=cp)
     ctx = ParallelContext.initialize(1, 1, torch.device("cpu"), cp_size=cp)
     config = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
                          num_kv_heads=args.kv_heads, ffn_hidden_size=args.hidden * 3, vocab_size=1024,
@@ -110,10 +103,7 @@ def worker(rank: int, cp: int, seq: int, args: argparse.Namespace, port: int, qu
         out = context_parallel_attention(attend, q, k, v, ctx.cp_group) if cp > 1 else attend(q, k, v)
         out.sum().backward()
 
-    attention_seconds = median_seconds(attention, args.iters)
-    if rank == 0:
-        queue.put((step_seconds, attention_seconds, step_bytes))
-    dist.destroy_process_group()
+    return step_seconds, median_seconds(attention, args.iters), step_bytes
 
 
 def formula_bytes(cp: int, seq: int, args: argparse.Namespace) -> int:
@@ -139,17 +129,9 @@ def main() -> None:
           f"micro batch {args.micro_batch}, fp32, torch SDPA; {args.threads} CPU threads shared by the CP ranks")
     print(f"{'seq':>6} {'cp':>3} {'tokens/s':>9} {'step s':>8} {'attn ms/layer':>14} "
           f"{'K/V MiB recv':>13} {'formula MiB':>12}")
-    context = mp.get_context("spawn")
     for seq in args.seq:
         for cp in args.cp:
-            queue = context.SimpleQueue()
-            port = free_port()
-            processes = [context.Process(target=worker, args=(r, cp, seq, args, port, queue)) for r in range(cp)]
-            for process in processes:
-                process.start()
-            step_seconds, attention_seconds, step_bytes = queue.get()
-            for process in processes:
-                process.join()
+            step_seconds, attention_seconds, step_bytes = spawn_gloo(cp, worker, cp, seq, args)[0]  # rank 0's
             tokens = seq * args.micro_batch / step_seconds
             print(f"{seq:>6} {cp:>3} {tokens:>9.0f} {step_seconds:>8.3f} {attention_seconds * 1e3:>14.1f} "
                   f"{step_bytes / 2**20:>13.2f} {formula_bytes(cp, seq, args) / 2**20:>12.2f}")

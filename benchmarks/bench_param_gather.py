@@ -19,18 +19,16 @@ an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_aquila.build import build_trainer_parts
 from megatron_aquila.config import load_config
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.trainer import Trainer
+
+from gloo_spawn import spawn_gloo  # benchmarks/gloo_spawn.py
 
 WORLD_SIZE = 2
 MODEL = ["model.num_layers=4", "model.hidden_size=512", "model.num_attention_heads=8", "model.num_kv_heads=8",
@@ -65,25 +63,14 @@ def run_mode(overlap: bool, iters: int, overrides: list[str]) -> list[tuple[floa
     return trainer.records[1:]   # the first iteration waits for no earlier step
 
 
-def worker(rank: int, port: int, args: argparse.Namespace) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
+def worker(rank: int, args: argparse.Namespace) -> dict[bool, list[tuple[float, float]]]:
+    """overlap off/on -> this rank's (seconds blocked on the param gather, iteration seconds) per timed iteration."""
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     records: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     for _ in range(args.rounds):
         for overlap in (False, True):
             records[overlap] += run_mode(overlap, args.iters, args.overrides)
-    everyone = [None] * WORLD_SIZE
-    dist.all_gather_object(everyone, records)
-    if rank == 0:
-        print(f"gloo DP{WORLD_SIZE} ZeRO-1 on this CPU, {args.threads} thread(s) per rank, {args.rounds} round(s) of "
-              f"{args.iters} timed iterations per mode; milliseconds per iteration, median (slowest rank's median)")
-        for overlap in (False, True):
-            waits = [statistics.median(w for w, _ in ranks[overlap]) * 1e3 for ranks in everyone]
-            steps = [statistics.median(s for _, s in ranks[overlap]) * 1e3 for ranks in everyone]
-            print(f"overlap_param_gather={str(overlap).lower():5}  blocked on the param gather {waits[0]:7.2f} "
-                  f"({max(waits):7.2f})   iteration {steps[0]:8.1f} ({max(steps):8.1f})")
-    dist.destroy_process_group()
+    return records
 
 
 def main() -> None:
@@ -93,11 +80,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.num_layers=8")
     args = parser.parse_args()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(worker, args=(port, args), nprocs=WORLD_SIZE)
-
+    everyone = spawn_gloo(WORLD_SIZE, worker, args)
+    print(f"gloo DP{WORLD_SIZE} ZeRO-1 on this CPU, {args.threads} thread(s) per rank, {args.rounds} round(s) of "
+          f"{args.iters} timed iterations per mode; milliseconds per iteration, median (slowest rank's median)")
+    for overlap in (False, True):
+        waits = [statistics.median(w for w, _ in ranks[overlap]) * 1e3 for ranks in everyone]
+        steps = [statistics.median(s for _, s in ranks[overlap]) * 1e3 for ranks in everyone]
+        print(f"overlap_param_gather={str(overlap).lower():5}  blocked on the param gather {waits[0]:7.2f} "
+              f"({max(waits):7.2f})   iteration {steps[0]:8.1f} ({max(steps):8.1f})")
 
 if __name__ == "__main__":
     main()

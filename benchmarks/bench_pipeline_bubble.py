@@ -24,7 +24,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_aquila.config import ModelConfig
 from megatron_aquila.model.aquila import AquilaModel
@@ -32,11 +31,12 @@ from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.pipeline.partition import chunk_has_embedding, chunk_has_head, chunk_layer_ids
 from megatron_aquila.parallel.pipeline.schedules import ScheduleSpec, get_forward_backward_func
 
+from gloo_spawn import spawn_gloo  # benchmarks/gloo_spawn.py
 
-def worker(rank: int, args: argparse.Namespace, port: int, vpp: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+def worker(rank: int, args: argparse.Namespace, vpp: int) -> tuple[int, float, str]:
+    """(rank, median measured bubble, the schedule's order of forward/backward steps) of this stage."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=args.pp)
     ctx = ParallelContext.initialize(1, args.pp)
     model = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=8, num_kv_heads=4,
                         ffn_hidden_size=args.hidden * 3, vocab_size=1024, make_vocab_size_divisible_by=64,
@@ -65,24 +65,11 @@ def worker(rank: int, args: argparse.Namespace, port: int, vpp: int, queue) -> N
         if iteration > 0:  # iteration 0 warms up allocators and gloo connections
             bubbles.append(1.0 - busy / wall)
         order = " ".join(f"{kind}{chunk}.{mb}" for kind, chunk, mb, _, _ in timeline)
-    queue.put((rank, statistics.median(bubbles), order))
-    dist.destroy_process_group()
+    return rank, statistics.median(bubbles), order
 
 
 def run(args: argparse.Namespace, vpp: int) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    procs = [context.Process(target=worker, args=(r, args, port, vpp, queue)) for r in range(args.pp)]
-    for proc in procs:
-        proc.start()
-    results = sorted(queue.get() for _ in procs)
-    for proc in procs:
-        proc.join()
+    results = spawn_gloo(args.pp, worker, args, vpp)
     p, m = args.pp, args.microbatches
     theory = (p - 1) / (vpp * m + p - 1)
     name = "1F1B" if vpp == 1 else f"interleaved v={vpp}"

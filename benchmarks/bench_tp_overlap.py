@@ -18,27 +18,24 @@ On a CPU the GEMMs and gloo's communication threads share the cores: with fewer 
 from __future__ import annotations
 
 import argparse
-import os
-import queue as queue_module
-import socket
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from megatron_aquila.parallel.collectives import all_gather_single, reduce_scatter_single
 from megatron_aquila.parallel.context import ParallelContext
 from megatron_aquila.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+from gloo_spawn import spawn_gloo  # benchmarks/gloo_spawn.py
+
 WORLD_SIZE = 2
 
 
-def worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def worker(rank: int, args: argparse.Namespace) -> dict:
+    """This rank's best times (seconds): the backward blocking (False) and overlapped (True), and each part alone."""
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     ctx = ParallelContext.initialize(tp_size=WORLD_SIZE, pp_size=1, device=torch.device("cpu"))
     torch.manual_seed(0)
     pairs = {}
@@ -87,8 +84,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
             run()
             if round_index > 0:
                 best[name] = min(best[name], time.perf_counter() - start)
-    queue.put((rank, best))
-    dist.destroy_process_group()
+    return best
 
 
 def main() -> None:
@@ -103,28 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.seq % WORLD_SIZE or args.ffn % WORLD_SIZE:
         parser.error(f"--seq {args.seq} and --ffn {args.ffn} must be multiples of the TP size {WORLD_SIZE}")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    processes = [context.Process(target=worker, args=(rank, args, port, queue)) for rank in range(WORLD_SIZE)]
-    for process in processes:
-        process.start()
-    results = {}
-    while len(results) < WORLD_SIZE:
-        try:
-            rank, best = queue.get(timeout=5)
-            results[rank] = best
-        except queue_module.Empty:
-            failed = [process.exitcode for process in processes if process.exitcode not in (None, 0)]
-            if failed:
-                for process in processes:
-                    process.kill()
-                raise SystemExit(f"a benchmark process failed (exit codes {failed}); its traceback is above")
-    for process in processes:
-        process.join()
-    slowest = {key: max(results[rank][key] for rank in results) * 1e3 for key in results[0]}
+    results = spawn_gloo(WORLD_SIZE, worker, args)
+    slowest = {key: max(best[key] for best in results) * 1e3 for key in results[0]}
     blocking, overlapped = slowest[False], slowest[True]
     print(f"TP2 gloo, column+row backward, seq {args.seq} x batch {args.batch}, hidden {args.hidden}, "
           f"ffn {args.ffn}, fp32, sp={args.sp}, {args.threads} thread(s)/rank, best of {args.rounds} rounds")
