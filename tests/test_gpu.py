@@ -113,7 +113,8 @@ def test_cuda_attention_masks_match_cpu():
     with GQA: the lower-right causal bias of a query chunk against its key prefix, and the block-diagonal
     document mask) against fp32 on the CPU; both checked against the rows of plain causal attention.
     On CUDA the calls are restricted to SDPA's fused kernels: they must not fall back to the math path."""
-    from megatron_aquila.model.kernels import DocumentMask, build_attention
+    from megatron_aquila.model.kernels import build_attention
+    from megatron_aquila.model.packed_attention import DocumentMask
 
     kernel = build_attention("torch-sdpa", 8, 2, 64, 0.0)
     generator = torch.Generator().manual_seed(0)

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from megatron_aquila.config import ModelConfig
-from megatron_aquila.model.kernels import DocumentMask, KernelChoice, build_attention, build_rms_norm, choose_kernels
-from megatron_aquila.model.packed_attention import PackedDocuments
+from megatron_aquila.model.kernels import KernelChoice, build_attention, build_rms_norm, choose_kernels
+from megatron_aquila.model.packed_attention import DocumentMask, PackedDocuments
 from megatron_aquila.model.rope import RotaryEmbedding
 from megatron_aquila.model.transformer import (
     RECOMPUTE_MODES,

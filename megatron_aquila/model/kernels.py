@@ -29,7 +29,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_aquila.model.packed_attention import DocumentMask  # noqa: F401 (model/aquila.py imports it from here)
 from megatron_aquila.model.packed_attention import (AttentionFn, Segments, flash_varlen_attention,
                                                     flash_varlen_available, flex_available, flex_document_attention,
                                                     packed_attention_path, require_flash_attn)

@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_aquila.model.kernels import DocumentMask
+from megatron_aquila.model.packed_attention import DocumentMask
 
 from megatron_aquila.parallel.collectives import all_gather_single, reduce_scatter_single
 from megatron_aquila.parallel.context import ProcessGroup, group_rank, group_size
